@@ -1,0 +1,1 @@
+"""linmix.bench (filled by later issues)."""

@@ -1,0 +1,1 @@
+"""linmix.layers (filled by later issues)."""

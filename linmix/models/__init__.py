@@ -1,0 +1,1 @@
+"""linmix.models (filled by later issues)."""

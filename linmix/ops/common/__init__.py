@@ -1,0 +1,1 @@
+"""Pieces shared by the op families: input checks, varlen packing, chunk layout, state passing."""

@@ -1,0 +1,56 @@
+"""Backend registry and choice.
+
+Each op family registers its implementations under a backend name:
+
+* ``"reference"`` -- the token-by-token recurrence (exact, slow; the test oracle),
+* ``"torch"`` -- the chunkwise-parallel PyTorch form (the CPU default),
+* ``"triton"`` -- Triton kernels (the CUDA default, once registered).
+
+``backend="auto"`` picks ``"triton"`` for CUDA tensors when the op has a Triton implementation and
+Triton imports, and ``"torch"`` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+_REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[(op, backend)] = fn
+        return fn
+
+    return wrap
+
+
+def available_backends(op: str) -> list[str]:
+    """The backends registered for ``op``."""
+    return [b for (o, b) in _REGISTRY if o == op]
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable[..., Any]:
+    """Return the implementation of ``op`` for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and (op, "triton") in _REGISTRY:
+            backend = "triton"
+        else:
+            backend = "torch"
+    fn = _REGISTRY.get((op, backend))
+    if fn is None:
+        raise ValueError(f"{op}: backend {backend!r} is not available; available: {available_backends(op)}")
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError(f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device}")
+    return fn

@@ -1,0 +1,1 @@
+"""linmix.tasks (filled by later issues)."""

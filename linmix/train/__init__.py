@@ -1,0 +1,1 @@
+"""linmix.train (filled by later issues)."""
