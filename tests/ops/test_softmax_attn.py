@@ -274,3 +274,55 @@ def test_varlen_initial_state_allowed():
     q, k, v = _qkv(B=1, T=5)
     o, cache = softmax_attn(q, k, v, cu_seqlens=torch.tensor([0, 2, 5]), initial_state=_past(N=2), window=2)
     assert o.shape == (1, 5, 4, 6) and cache is None and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("past", [0, 4])
+def test_attention_mask_padding_equals_sequences_alone(window, past):
+    """A left/right-padded batch with attention_mask gives each sequence's unpadded result.
+
+    Windows count slots, padded ones included, so left padding is only tested without a past (the
+    way a padded prompt starts a generation)."""
+    Hq, Hkv, T = 4, 2, 9
+    lengths, left = [9, 5, 1], ([True, False, True] if past == 0 else [False, False, False])
+    B = len(lengths)
+    q = torch.randn(B, T, Hq, K_DIM, dtype=torch.float64)
+    k = torch.randn(B, T, Hkv, K_DIM, dtype=torch.float64)
+    v = torch.randn(B, T, Hkv, V_DIM, dtype=torch.float64)
+    kp = torch.randn(B, past, Hkv, K_DIM, dtype=torch.float64)
+    vp = torch.randn(B, past, Hkv, V_DIM, dtype=torch.float64)
+    new_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (n, is_left) in enumerate(zip(lengths, left)):
+        if is_left:
+            new_mask[b, T - n:] = True
+        else:
+            new_mask[b, :n] = True
+    mask = torch.cat([torch.ones(B, past, dtype=torch.bool), new_mask], 1)
+    init = (kp, vp) if past else None
+    for backend in ("reference", "torch"):
+        o, _ = softmax_attn(q, k, v, window=window, initial_state=init, attention_mask=mask.int(), backend=backend)
+        assert torch.isfinite(o).all()
+        for b in range(B):
+            sel = new_mask[b]
+            o_b, _ = softmax_attn(q[b:b + 1, sel], k[b:b + 1, sel], v[b:b + 1, sel], window=window,
+                                  initial_state=(kp[b:b + 1], vp[b:b + 1]) if past else None, backend="reference")
+            assert rel_err(o[b:b + 1, sel], o_b) < 1e-12, (backend, b)
+
+
+def test_attention_mask_gradients_match_reference():
+    q = torch.randn(2, 6, 2, K_DIM, dtype=torch.float64)
+    k = torch.randn(2, 6, 1, K_DIM, dtype=torch.float64)
+    v = torch.randn(2, 6, 1, V_DIM, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    assert_close_fwd_bwd(softmax_attn, {"q": q, "k": k, "v": v}, attention_mask=mask, window=4)
+
+
+def test_attention_mask_validation():
+    q, k, v = torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 4)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B=2, P \+ T=5\]"):
+        softmax_attn(q, k, v, attention_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attention_mask must be a bool or integer"):
+        softmax_attn(q, k, v, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="attention_mask and cu_seqlens"):
+        softmax_attn(q[:1], k[:1], v[:1], attention_mask=torch.ones(1, 5, dtype=torch.bool),
+                     cu_seqlens=torch.tensor([0, 2, 5]))

@@ -22,7 +22,7 @@ _OP = "softmax_attn"
 
 def check_softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
                        scale: float | None, initial_state: KVCache | None, output_final_state: bool,
-                       cu_seqlens: torch.Tensor | None) -> float:
+                       cu_seqlens: torch.Tensor | None, attention_mask: torch.Tensor | None = None) -> float:
     """Validate the arguments of :func:`softmax_attn`; return the scale to use."""
     B, T, H, K, V = check_qkv(_OP, q, k, v, kv_heads_divide=True)
     Hkv = k.shape[2]
@@ -62,6 +62,17 @@ def check_softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
         if not (k_past.dtype == v_past.dtype == k.dtype):
             raise TypeError(f"{_OP}: the KV cache initial_state must have k's dtype {k.dtype}, got "
                             f"k_past {k_past.dtype}, v_past {v_past.dtype}")
+    if attention_mask is not None:
+        P = 0 if k_past is None else k_past.shape[1]
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point():
+            raise TypeError(f"{_OP}: attention_mask must be a bool or integer tensor of shape [B, P + T] "
+                            f"(1 = real key, 0 = padding), got {getattr(attention_mask, 'dtype', type(attention_mask))}")
+        if list(attention_mask.shape) != [B, P + T]:
+            raise ValueError(f"{_OP}: attention_mask must have shape {_fmt(['B', 'P + T'], [B, P + T])} (past and new "
+                             f"keys), got {list(attention_mask.shape)}")
+        if cu_seqlens is not None:
+            raise ValueError(f"{_OP}: attention_mask and cu_seqlens are two ways to mark sequences; pass one")
+        check_same_device(_OP, q=q, attention_mask=attention_mask)
     if output_final_state:
         if cu_seqlens is not None:
             raise ValueError(f"{_OP}: output_final_state=True is not supported with cu_seqlens: the caches of "
@@ -76,6 +87,7 @@ def check_softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
 def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                  window: int | None = None, scale: float | None = None, initial_state: KVCache | None = None,
                  output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
                  backend: str = "auto") -> tuple[torch.Tensor, KVCache | None]:
     r"""Softmax attention, full or sliding-window, with grouped KV heads and a KV cache.
 
@@ -114,6 +126,11 @@ def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
             with L = P + T, or min(window, P + T) with a window.
         cu_seqlens: int32/int64 [N + 1] offsets of sequences packed along T (then B must be 1); no
             token attends across sequences.
+        attention_mask: None or bool/int [B, P + T] marking the real keys (1) among the past and new
+            ones, as in a left- or right-padded batch (the Hugging Face convention); padded keys are
+            never attended to. Queries at padded positions get finite outputs of no meaning.
+            A window counts positions, padded ones included: pad before the first token of a
+            sequence (left padding of a prompt) or after its last (right padding).
         backend: "auto" | "reference" | "torch" (``scaled_dot_product_attention``; "auto" picks it).
 
     Returns:
@@ -133,12 +150,13 @@ def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
         (torch.Size([2, 1, 8, 48]), torch.Size([2, 4, 2, 32]))
     """
     scale = check_softmax_attn(q, k, v, causal=causal, window=window, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                               attention_mask=attention_mask)
     if initial_state is not None:
         initial_state = tuple(initial_state)
     fn = resolve(_OP, backend, q.device)
     return fn(q, k, v, causal=causal, window=window, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
 
 
 __all__ = ["softmax_attn", "check_softmax_attn"]

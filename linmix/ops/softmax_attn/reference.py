@@ -27,8 +27,12 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int 
     return mask
 
 
-def _attend_one(q, k, v, k_past, v_past, *, causal, window, scale):
-    """One sequence: q [T, Hq, K], k [T, Hkv, K], v [T, Hkv, V], past [P, Hkv, *] or None -> o [T, Hq, V]."""
+def _attend_one(q, k, v, k_past, v_past, *, causal, window, scale, key_mask=None):
+    """One sequence: q [T, Hq, K], k [T, Hkv, K], v [T, Hkv, V], past [P, Hkv, *] or None -> o [T, Hq, V].
+
+    ``key_mask`` [P + T] (bool) drops padded keys; a query left with no key at all (a padded query)
+    sees only itself, so its (discarded) output stays finite.
+    """
     T, Hq, K = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -44,6 +48,9 @@ def _attend_one(q, k, v, k_past, v_past, *, causal, window, scale):
     q_pos = torch.arange(P, P + T, device=q.device)
     k_pos = torch.arange(P + T, device=q.device)
     mask = visible(q_pos, k_pos, causal, window)                   # [T, P + T]
+    if key_mask is not None:
+        mask = mask & key_mask[None, :]
+        mask = mask | ((q_pos[:, None] == k_pos[None, :]) & ~mask.any(-1, keepdim=True))
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     o = torch.einsum("grij,jgv->igrv", probs, v)                   # [T, Hkv, group, V]
@@ -62,7 +69,7 @@ def kv_cache(k_past, v_past, k, v, window):
 
 @register("softmax_attn", "reference")
 def softmax_attn_reference(q, k, v, *, causal=True, window=None, scale, initial_state=None,
-                           output_final_state=False, cu_seqlens=None):
+                           output_final_state=False, cu_seqlens=None, attention_mask=None):
     k_past, v_past = initial_state if initial_state is not None else (None, None)
     B, T = q.shape[:2]
     if cu_seqlens is None:
@@ -74,7 +81,8 @@ def softmax_attn_reference(q, k, v, *, causal=True, window=None, scale, initial_
     for n, b, a, e in spans:
         o = _attend_one(q[b, a:e], k[b, a:e], v[b, a:e],
                         None if k_past is None else k_past[n], None if v_past is None else v_past[n],
-                        causal=causal, window=window, scale=scale)
+                        causal=causal, window=window, scale=scale,
+                        key_mask=None if attention_mask is None else attention_mask[b].bool())
         outs.append(o)
     if cu_seqlens is None:
         o = torch.stack(outs, dim=0)

@@ -44,7 +44,7 @@ def _sdpa(q, k, v, *, mask, is_causal, scale):
 
 @register("softmax_attn", "torch")
 def softmax_attn_sdpa(q, k, v, *, causal=True, window=None, scale, initial_state=None,
-                      output_final_state=False, cu_seqlens=None):
+                      output_final_state=False, cu_seqlens=None, attention_mask=None):
     k_past, v_past = initial_state if initial_state is not None else (None, None)
     P = 0 if k_past is None else k_past.shape[1]
 
@@ -52,10 +52,15 @@ def softmax_attn_sdpa(q, k, v, *, causal=True, window=None, scale, initial_state
         T = q.shape[1]
         k_all = k if k_past is None else torch.cat([k_past, k], dim=1)
         v_all = v if v_past is None else torch.cat([v_past, v], dim=1)
-        if P == 0 and window is None:
+        if P == 0 and window is None and attention_mask is None:
             o = _sdpa(q, k_all, v_all, mask=None, is_causal=causal, scale=scale)
         else:
             mask = position_mask(T, P, causal, window, q.device)
+            if attention_mask is not None:
+                # Padded keys dropped; a query left with no key (a padded query) sees only itself.
+                mask = mask & attention_mask.bool()[:, None, :]                    # [B, T, P + T]
+                self_key = torch.arange(P, P + T, device=q.device)[:, None] == torch.arange(P + T, device=q.device)
+                mask = (mask | (self_key & ~mask.any(-1, keepdim=True)))[:, None]
             o = _sdpa(q, k_all, v_all, mask=mask, is_causal=False, scale=scale)
     else:
         packing = Packing(cu_seqlens)
