@@ -12,6 +12,7 @@ Triton imports, and ``"torch"`` otherwise.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,11 @@ import torch
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in the interpreter on the CPU (``TRITON_INTERPRET=1``, as in CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -51,6 +57,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable[..., Any]:
     fn = _REGISTRY.get((op, backend))
     if fn is None:
         raise ValueError(f"{op}: backend {backend!r} is not available; available: {available_backends(op)}")
-    if backend == "triton" and device.type != "cuda":
-        raise ValueError(f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                         f"interpreter), got tensors on {device}")
     return fn
