@@ -1,7 +1,14 @@
 """linmix: linear attention and hybrid models in PyTorch + Triton."""
 
-from linmix import ops
+import importlib.util
+
+from linmix import layers, modules, ops
 from linmix.debug import is_debug, set_debug
 
+# With transformers installed (the `models` extra), importing linmix registers LinmixConfig and
+# LinmixForCausalLM with the Auto classes, so AutoModelForCausalLM.from_pretrained(path) works.
+if importlib.util.find_spec("transformers") is not None:
+    from linmix import models  # noqa: F401
+
 __version__ = "0.1.0"
-__all__ = ["ops", "set_debug", "is_debug", "__version__"]
+__all__ = ["layers", "modules", "ops", "set_debug", "is_debug", "__version__"]

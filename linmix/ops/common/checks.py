@@ -143,9 +143,11 @@ def check_scale(op: str, scale: float | None, K: int) -> float:
     return float(scale)
 
 
-def check_chunk_size(op: str, chunk_size: int) -> int:
+def check_chunk_size(op: str, chunk_size: int | None) -> int | None:
+    if chunk_size is None:
+        return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+        raise ValueError(f"{op}: chunk_size must be None or a positive int, got {chunk_size!r}")
     return chunk_size
 
 
@@ -159,7 +161,7 @@ def check_non_causal(op: str, causal: bool, initial_state: torch.Tensor | None, 
 
 def check_recurrent_op(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        scale: float | None, initial_state: torch.Tensor | None, output_final_state: bool,
-                       cu_seqlens: torch.Tensor | None, chunk_size: int, causal: bool = True,
+                       cu_seqlens: torch.Tensor | None, chunk_size: int | None, causal: bool = True,
                        **extra: torch.Tensor | None) -> tuple[int, int, int, int, int, float]:
     """The checks every recurrent op shares; returns (B, T, H, K, V, scale)."""
     B, T, H, K, V = check_qkv(op, q, k, v)

@@ -12,7 +12,7 @@ from linmix.ops.dispatch import resolve
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                g: torch.Tensor | None = None, *, scale: float | None = None,
                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-               cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64,
+               cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""The delta rule (DeltaNet) and, with a decay ``g``, the gated delta rule (Gated DeltaNet).
 
@@ -38,7 +38,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
             sequences with ``cu_seqlens``).
         output_final_state: also return the [N, H, K, V] state after the last token.
         cu_seqlens: int32/int64 [N + 1] offsets of sequences packed along T (then B must be 1).
-        chunk_size: chunk length of the chunked backends.
+        chunk_size: chunk length of the chunked backends; None = the backend's own default.
         backend: "auto" | "reference" | "torch" | "triton".
 
     Returns:

@@ -35,7 +35,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
     """Causal chunked forward on a dense batch. Inputs already in the compute dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = min(chunk_size, -(-T // SUB_CHUNK) * SUB_CHUNK)
+    C = min(chunk_size or 64, -(-T // SUB_CHUNK) * SUB_CHUNK)
     qc, kc, vc = to_chunks(q * scale, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
     bc = to_chunks(beta, C)[..., None]  # [B, H, N, C, 1]
     ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
@@ -87,7 +87,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
 
 @register("delta_rule", "torch")
 def delta_rule_chunk(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, chunk_size=64):
+                     cu_seqlens=None, chunk_size=None):
     """Chunked implementation of :func:`linmix.ops.delta_rule.delta_rule`."""
     out_dtype = v.dtype
     q, k, v, beta, g, initial_state = upcast(compute_dtype(q), q, k, v, beta, g, initial_state)

@@ -11,7 +11,7 @@ from linmix.ops.linear_attn import chunk, reference  # noqa: F401  (register the
 
 def linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                 initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                cu_seqlens: torch.Tensor | None = None, causal: bool = True, chunk_size: int = 64,
+                cu_seqlens: torch.Tensor | None = None, causal: bool = True, chunk_size: int | None = None,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Linear attention (Katharopoulos et al.; feature-map attention after the map is applied).
 
@@ -34,7 +34,7 @@ def linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         output_final_state: also return the [N, H, K, V] state after the last token.
         cu_seqlens: int32/int64 [N + 1] offsets of sequences packed along T (then B must be 1).
         causal: False for the bidirectional form (no states then).
-        chunk_size: chunk length of the chunked backends.
+        chunk_size: chunk length of the chunked backends; None = the backend's own default.
         backend: "auto" | "reference" | "torch" | "triton".
 
     Returns:

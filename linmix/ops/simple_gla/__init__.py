@@ -12,7 +12,7 @@ from linmix.ops.simple_gla import chunk, reference  # noqa: F401  (register the 
 def simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
                scale: float | None = None, initial_state: torch.Tensor | None = None,
                output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-               causal: bool = True, chunk_size: int = 64,
+               causal: bool = True, chunk_size: int | None = None,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Scalar-gated linear attention (RetNet, Lightning Attention / TransNormerLLM, Mamba-2 SSD).
 
