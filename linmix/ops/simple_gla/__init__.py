@@ -7,6 +7,7 @@ import torch
 from linmix.ops.common.checks import check_log_gate, check_recurrent_op
 from linmix.ops.dispatch import resolve
 from linmix.ops.simple_gla import chunk, reference  # noqa: F401  (register the backends)
+from linmix.ops.simple_gla import triton as _triton  # noqa: F401  (simple_gla + linear_attn; nothing without triton)
 
 
 def simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
