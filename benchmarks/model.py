@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         train_shapes, contexts, batches, steps, chunk = [(2, 256)], [128, 512], [1, 4], 4, 256
     else:
         args.hidden, args.num_layers, args.heads, args.vocab = 1024, 24, 16, 32000
-        train_shapes, contexts, batches, steps, chunk = [(16, 2048), (2, 16384)], [1024, 8192, 32768], [1, 16], 16, 4096
+        train_shapes, contexts, batches, steps, chunk = [(4, 2048), (1, 16384)], [1024, 8192, 32768], [1, 16], 16, 4096
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# linmix model benchmark, {date.today()}, {where}, torch {torch.__version__}, linmix {linmix.__version__}")
