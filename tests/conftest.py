@@ -2,16 +2,10 @@
 
 import os
 
+import pytest
 import torch
 
-# Without a GPU, Triton kernels run in the interpreter. Triton reads this once, at its import, and
-# importing linmix may import it (transformers -> torch._dynamo -> triton): set it first.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import linmix  # noqa: E402
+import linmix
 
 
 @pytest.fixture(scope="session", autouse=True)
