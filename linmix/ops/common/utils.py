@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from linmix.ops.common.varlen import Packing
 
@@ -19,49 +19,111 @@ def upcast(dtype: torch.dtype, *xs: torch.Tensor | None) -> list[torch.Tensor | 
     return [None if x is None else x.to(dtype) for x in xs]
 
 
-def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[B, T, H, *rest] -> [B, H, N, C, *rest], zero-padding T up to N * C."""
-    B, T, H = x.shape[:3]
-    rest = x.shape[3:]
-    n = -(-T // chunk_size)
-    pad = n * chunk_size - T
-    if pad:
-        x = F.pad(x, [0, 0] * (len(rest) + 1) + [0, pad])
-    return x.reshape(B, n, chunk_size, H, *rest).movedim(3, 1)
+def chunk_slice(x: torch.Tensor, C: int, n0: int, n1: int, out: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+    """Chunks n0..n1 of x [B, T, H, *r] in the time-major layout [(n1 - n0) * B * H, C, *r].
 
-
-def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, H, N, C, *rest] -> [B, T, H, *rest] (drops the padding)."""
-    B, H, n, C = x.shape[:4]
-    return x.movedim(1, 3).reshape(B, n * C, H, *x.shape[4:])[:, :T]
-
-
-def pass_states(E: torch.Tensor, decay: torch.Tensor | None,
-                initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan chunk states: S_n = decay_n * S_{n-1} + E_n.
-
-    Args:
-        E: [B, H, N, K, V] each chunk's state contribution from a zero initial state.
-        decay: None (identity) or [B, H, N, K or 1, 1] each chunk's total decay (<= 1).
-        initial_state: None or [B, H, K, V].
-
-    Returns:
-        (S_in [B, H, N, K, V] the state entering each chunk, S_final [B, H, K, V]).
+    Positions past T are zero. Written into ``out`` (any contiguous tensor with enough elements)
+    when given; multiplied by ``scale`` when given.
     """
-    B, H, N, K, V = E.shape
-    if decay is None:
-        shifted = torch.cat([E.new_zeros(B, H, 1, K, V), E[:, :, :-1]], dim=2)
-        S_in = shifted.cumsum(2)
-        if initial_state is not None:
-            S_in = S_in + initial_state[:, :, None]
-        return S_in, S_in[:, :, -1] + E[:, :, -1]
-    S = initial_state if initial_state is not None else E.new_zeros(B, H, K, V)
-    states = []
-    # unbind, not E[:, :, n]: each indexing op's backward would write a full-size zero tensor.
-    for E_n, decay_n in zip(E.unbind(2), decay.unbind(2)):
-        states.append(S)
-        S = decay_n * S + E_n
-    return torch.stack(states, dim=2), S
+    B, T, H = x.shape[:3]
+    r = tuple(x.shape[3:])
+    ns = n1 - n0
+    shape = (ns, B, H, C, *r)
+    if out is None:
+        buf = x.new_empty(shape)
+    else:
+        numel = ns * B * H * C * (x[0, 0, 0].numel() if r else 1)
+        buf = out.view(-1)[:numel].view(shape)
+    dst = buf.permute(1, 0, 3, 2, *range(4, 4 + len(r)))  # [B, ns, C, H, *r] view of buf
+    t0 = n0 * C
+    full = min(ns, max(0, (T - t0) // C))
+    if full:
+        src = x[:, t0:t0 + full * C].reshape(B, full, C, H, *r)
+        if scale is None:
+            dst[:, :full].copy_(src)
+        else:
+            torch.mul(src, scale, out=dst[:, :full])
+    if full < ns:  # the last chunk, partial
+        tail = T - t0 - full * C
+        dst[:, full, tail:].zero_()
+        if scale is None:
+            dst[:, full, :tail].copy_(x[:, t0 + full * C:])
+        else:
+            torch.mul(x[:, t0 + full * C:], scale, out=dst[:, full, :tail])
+    return buf.view(ns * B * H, C, *r)
+
+
+def unchunk_slice(xc: torch.Tensor, out: torch.Tensor, n0: int, scale: float | None = None) -> None:
+    """Write chunks n0.. given time-major (xc [ns * B * H, C, *r]) into out [B, T, H, *r], past T dropped."""
+    B, T, H = out.shape[:3]
+    r = tuple(out.shape[3:])
+    C = xc.shape[1]
+    ns = xc.shape[0] // (B * H)
+    src = xc.view(ns, B, H, C, *r).permute(1, 0, 3, 2, *range(4, 4 + len(r)))  # [B, ns, C, H, *r]
+    t0 = n0 * C
+    full = min(ns, max(0, (T - t0) // C))
+    if full:
+        dst = out[:, t0:t0 + full * C].view(B, full, C, H, *r)
+        if scale is None:
+            dst.copy_(src[:, :full])
+        else:
+            torch.mul(src[:, :full], scale, out=dst)
+    if full < ns:
+        tail = T - t0 - full * C
+        if scale is None:
+            out[:, t0 + full * C:].copy_(src[:, full, :tail])
+        else:
+            torch.mul(src[:, full, :tail], scale, out=out[:, t0 + full * C:])
+
+
+def chunk_time_major(x: torch.Tensor, C: int, N: int, scale: float | None = None) -> torch.Tensor:
+    """[B, T, H, *r] -> [N, B * H, C, *r] contiguous, zero-padded to N * C steps (times ``scale``)."""
+    B, _, H = x.shape[:3]
+    return chunk_slice(x, C, 0, N, scale=scale).view(N, B * H, C, *x.shape[3:])
+
+
+def unchunk_time_major(xc: torch.Tensor, B: int, T: int, H: int, scale: float | None = None) -> torch.Tensor:
+    """[N, B * H, C, *r] -> [B, T, H, *r] (drops the padding; times ``scale``)."""
+    out = xc.new_empty(B, T, H, *xc.shape[3:])
+    unchunk_slice(xc.reshape(-1, *xc.shape[2:]), out, 0, scale)
+    return out
+
+
+_scratch = threading.local()
+SCRATCH_MAX_BYTES = 4 << 20  # CPU scratch buffers up to this size are kept between calls
+
+
+class Workspace:
+    """Scratch buffers of one forward or backward call, reused across its slices.
+
+    ``get(name, *shape)`` views a buffer that is allocated on first use. On the CPU, buffers of up
+    to ``SCRATCH_MAX_BYTES`` are also kept between calls (per thread and dtype): a fresh
+    allocation of a few MB is handed out by the C allocator as untouched pages, so every call
+    would pay page faults on its first writes; the slices bound these sizes. A buffer's contents
+    never outlive the call that wrote them.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.local: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, torch.Tensor] = {}
+        if like.device.type == "cpu":
+            caches = getattr(_scratch, "caches", None)
+            if caches is None:
+                caches = _scratch.caches = {}
+            self.kept = caches.setdefault(like.dtype, {})
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        keep = self.like.device.type == "cpu" and numel * self.like.element_size() <= SCRATCH_MAX_BYTES
+        bufs = self.kept if keep else self.local
+        buf = bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = bufs[name] = self.like.new_empty(numel)
+        return buf[:numel].view(shape)
 
 
 def run_packed(fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], cu_seqlens: torch.Tensor | None,

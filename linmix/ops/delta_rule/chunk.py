@@ -7,82 +7,252 @@ U solve the unit lower-triangular system
     (I + L) U = diag(beta) V - diag(beta) (K * exp(b)) S_0,
     L = strictly_lower(diag(beta) ((K K^T) o Gamma)),   Gamma_ti = exp(b_t - b_i),
 
-so with W = (I + L)^{-1} diag(beta) (K * exp(b)) and U~ = (I + L)^{-1} diag(beta) V (one
-triangular solve for every chunk at once, before any state is known):
+so with T = (I + L)^{-1} (one batched triangular solve against the identity, for every chunk at
+once), W = T diag(beta) (K * exp(b)) and U~ = T diag(beta) V:
 
     U   = U~ - W S_0
     S_C = exp(b_C) S_0 + (K * exp(b_C - b))^T U
     O   = (Q * exp(b)) S_0 + ((Q K^T) o D) U,      D_ij = exp(b_i - b_j)  (i >= j, else 0)
 
-Everything except the state recursion is vectorised over batch, heads and chunks; the recursion
-is one Python loop over chunks (two small matmuls each). Every exponent is <= 0: no decay is ever
-divided by, and the masked upper parts are set to -inf before the exp. T is zero-padded to whole
-chunks: a padded step has beta = 0, k = 0 and g = 0, i.e. an identity transition, so the final
-state is exact. Differentiable by autograd (through ``torch.linalg.solve_triangular``).
+Everything except the state recursion is batched over chunks and heads; the recursion (two small
+matmuls per chunk) runs over slices of consecutive chunks, stored time-major ([N, B*H, C, K]) so
+that a slice is one contiguous batch. Every exponent is <= 0: no decay is ever divided by, and the
+masked upper parts are set to -inf before the exp. T is zero-padded to whole chunks: a padded step
+has beta = 0, k = 0 and g = 0, i.e. an identity transition, so the final state is exact.
+
+The backward is written by hand (``DeltaRuleFn``), differentiating the steps above in reverse:
+
+    dU  = D'^T dO + K_out dS_C              (D' = (Q K^T) o D, K_out = K * exp(b_C - b))
+    dS_0 = (Q * exp(b))^T dO + exp(b_C) dS_C - W^T dU           (the reverse recursion)
+    [dX1, dX2] = T^T [-dU S_0^T, dU],  dL = -strictly_lower(dX1 W^T + dX2 U~^T)
+
+with X1 = diag(beta) K exp(b), X2 = diag(beta) V, plus the direct terms. The gate's gradient comes
+from an identity like the one of ``simple_gla`` (raising g_s by eps equals scaling q_t by e^eps and
+v_t by e^-eps for t >= s, and the final state by e^eps):
+
+    dg_s = sum_{t >= s} (q_t . dq_t - v_t . dv_t) + <dS_T, S_T>,
+
+so the decay factors are constants and are never differentiated.
 """
 
 from __future__ import annotations
 
 import torch
 
-from linmix.ops.common.utils import compute_dtype, from_chunks, run_packed, to_chunks, upcast
+from linmix.ops.common.utils import Workspace, chunk_slice, compute_dtype, run_packed, unchunk_slice, upcast
 from linmix.ops.dispatch import register
 
 SUB_CHUNK = 16
+DEFAULT_CHUNK = 64
+SLICE_TOKENS = 4096  # positions (all heads together) per slice of consecutive chunks
+
+
+def _slices(N: int, BH: int, C: int) -> list[tuple[int, int]]:
+    step = max(1, SLICE_TOKENS // (BH * C))
+    return [(n, min(n + step, N)) for n in range(0, N, step)]
+
+
+def _gate_factors(b, incl, ws):
+    """For b [m, C]: D (exp(b_i - b_j), i >= j, else 0), exp(b), exp(b_C - b) [m, C, 1], exp(b_C) [m, 1, 1]."""
+    m, C = b.shape
+    D = torch.sub(b[:, :, None], b[:, None, :], out=ws.get("D", m, C, C))
+    D.masked_fill_(~incl, float("-inf")).exp_()
+    b_last = b[:, -1:]
+    eb = torch.exp(b, out=ws.get("eb", m, C))
+    ek = ws.get("ek", m, C)
+    torch.exp(torch.sub(b_last, b, out=ek), out=ek)
+    return D, eb[..., None], ek[..., None], torch.exp(b_last)[..., None]
+
+
+def _load(q, k, v, beta, g, scale, C, n0, n1, ws):
+    """The time-major chunks n0..n1 of q (times scale), k, v, beta [m, C, 1] and the in-chunk cumsum of g."""
+    K, V = q.shape[-1], v.shape[-1]
+    m = (n1 - n0) * q.shape[0] * q.shape[2]
+    q_ = chunk_slice(q, C, n0, n1, ws.get("q", m, C, K), scale)
+    k_ = chunk_slice(k, C, n0, n1, ws.get("k", m, C, K))
+    v_ = chunk_slice(v, C, n0, n1, ws.get("v", m, C, V))
+    be = chunk_slice(beta, C, n0, n1, ws.get("beta", m, C))[..., None]
+    b_ = None
+    if g is not None:
+        g_ = chunk_slice(g, C, n0, n1, ws.get("g", m, C))
+        b_ = torch.cumsum(g_, -1, out=ws.get("b", m, C))
+    return q_, k_, v_, be, b_
+
+
+class DeltaRuleFn(torch.autograd.Function):
+    """(o, S_T) of the chunked delta rule on a dense batch; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, h0, scale, C):
+        ctx.set_materialize_grads(False)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        BH, N = B * H, -(-T // C)
+        M = N * BH
+        ws = Workspace(q)
+        incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        eye = torch.eye(C, dtype=q.dtype, device=q.device)
+        Tinv = q.new_empty(M, C, C)
+        Aqk = q.new_empty(M, C, C)   # (Q K^T) o D
+        KKD = q.new_empty(M, C, C)   # (K K^T) o Gamma (its strictly lower part is L / beta)
+        W = q.new_empty(M, C, K)
+        U = q.new_empty(M, C, V)
+        o = q.new_empty(B, T, H, V)
+        states = q.new_empty(N + 1, BH, K, V)  # states[n]: entering chunk n; states[N]: final
+        if h0 is None:
+            states[0].zero_()
+        else:
+            states[0].copy_(h0.reshape(BH, K, V))
+        for n0, n1 in _slices(N, BH, C):
+            ns = n1 - n0
+            m = ns * BH
+            sl = slice(n0 * BH, n1 * BH)
+            q_, k_, v_, be, b_ = _load(q, k, v, beta, g, scale, C, n0, n1, ws)
+            kk, A_ = KKD[sl], Aqk[sl]
+            torch.bmm(k_, k_.transpose(-1, -2), out=kk)
+            torch.bmm(q_, k_.transpose(-1, -2), out=A_)
+            X1 = ws.get("X1", m, C, K)  # diag(beta) K exp(b)
+            if b_ is None:
+                A_.masked_fill_(~incl, 0.0)
+                torch.mul(k_, be, out=X1)
+                q_in, k_out, dec = q_, k_, None
+            else:
+                D, eb, ek, dec = _gate_factors(b_, incl, ws)
+                kk.mul_(D)
+                A_.mul_(D)
+                torch.mul(k_, eb, out=X1).mul_(be)
+                q_in, k_out = q_.mul_(eb), k_.mul_(ek)
+            # T = (I + L)^{-1}; with unitriangular=True the diagonal of L is ignored (taken as 1)
+            T_ = Tinv[sl]
+            Lb = torch.mul(kk, be, out=ws.get("L", m, C, C))
+            torch.linalg.solve_triangular(Lb, eye.expand_as(kk), upper=False, unitriangular=True, out=T_)
+            W_, U_ = W[sl], U[sl]
+            torch.bmm(T_, X1, out=W_)
+            torch.bmm(T_, v_.mul_(be), out=U_)  # U~, turned into U = U~ - W S_0 in the loop
+            W4, U4 = W_.view(ns, BH, C, K), U_.view(ns, BH, C, V)
+            # unbind once: no indexing op per step
+            st, Ws, Us = states[n0:n1 + 1].unbind(0), W4.unbind(0), U4.unbind(0)
+            koT = k_out.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
+            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
+            for i in range(ns):
+                Us[i].baddbmm_(Ws[i], st[i], alpha=-1.0)  # U~ - W S
+                if decs is None:
+                    torch.baddbmm(st[i], koT[i], Us[i], out=st[i + 1])
+                else:
+                    torch.mul(st[i], decs[i], out=st[i + 1]).baddbmm_(koT[i], Us[i])
+            o_ = torch.bmm(A_, U_, out=ws.get("o", m, C, V))
+            o_.baddbmm_(q_in, states[n0:n1].view(-1, K, V))
+            unchunk_slice(o_, o, n0)
+        ctx.save_for_backward(q, k, v, beta, g, Tinv, Aqk, KKD, W, U, states)
+        ctx.meta = (scale, C, h0 is not None)
+        return o, states[N].view(B, H, K, V).clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_T):
+        q, k, v, beta, g, Tinv, Aqk, KKD, W, U, states = ctx.saved_tensors
+        scale, C, has_h0 = ctx.meta
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        BH, N = B * H, -(-T // C)
+        ws = Workspace(q)
+        if do is None:
+            do = v.new_zeros(v.shape)
+        ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
+        incl, strict = ones.tril(), ones.tril(-1)
+        dq, dk, dv, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+        need_g = g is not None and ctx.needs_input_grad[4]
+        if need_g:
+            dg = torch.empty_like(g)
+            rev = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()  # d @ rev: reverse cumsum
+            if dS_T is None:
+                carry = q.new_zeros(BH)
+            else:  # <dS_T, S_T> enters every step's gate gradient
+                carry = (dS_T.reshape(BH, K, V) * states[N]).sum((-1, -2))
+        G = q.new_zeros(BH, K, V) if dS_T is None else dS_T.reshape(BH, K, V).clone()
+        for n0, n1 in reversed(_slices(N, BH, C)):
+            ns = n1 - n0
+            m = ns * BH
+            sl = slice(n0 * BH, n1 * BH)
+            q_, k_, v_, be, b_ = _load(q, k, v, beta, g, scale, C, n0, n1, ws)
+            do_ = chunk_slice(do, C, n0, n1, ws.get("do", m, C, V))
+            T_, A_, kk, W_, U_ = Tinv[sl], Aqk[sl], KKD[sl], W[sl], U[sl]
+            if b_ is None:
+                D = dec = None
+                q_in, k_out = q_, k_
+            else:
+                D, eb, ek, dec = _gate_factors(b_, incl, ws)
+                q_in = torch.mul(q_, eb, out=ws.get("q_in", m, C, K))
+                k_out = torch.mul(k_, ek, out=ws.get("k_out", m, C, K))
+            # reverse recursion over the slice's chunks
+            dU = torch.bmm(A_.transpose(-1, -2), do_, out=ws.get("dU", m, C, V))  # + K_out dS_C in the loop
+            Fq = torch.bmm(q_in.transpose(-1, -2), do_, out=ws.get("F", m, K, V)).view(ns, BH, K, V)
+            Gs = ws.get("Gs", ns + 1, BH, K, V)  # Gs[i + 1]: gradient of the state leaving chunk n0 + i
+            Gs[ns] = G
+            gs, fs, dUs = Gs.unbind(0), Fq.unbind(0), dU.view(ns, BH, C, V).unbind(0)
+            WT = W_.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
+            ko = k_out.view(ns, BH, C, K).unbind(0)
+            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
+            for i in reversed(range(ns)):
+                dUs[i].baddbmm_(ko[i], gs[i + 1])
+                if decs is None:
+                    torch.add(fs[i], gs[i + 1], out=gs[i])
+                else:
+                    torch.addcmul(fs[i], gs[i + 1], decs[i], out=gs[i])
+                gs[i].baddbmm_(WT[i], dUs[i], alpha=-1.0)
+            G = Gs[0].clone()
+            dSC = Gs[1:].view(m, K, V)
+            S_in = states[n0:n1].view(m, K, V)
+            # direct terms
+            dq_ = torch.bmm(do_, S_in.transpose(-1, -2), out=ws.get("dq", m, C, K))  # d(q_in)
+            dk_out = torch.bmm(U_, dSC.transpose(-1, -2), out=ws.get("dk_out", m, C, K))
+            dA = torch.bmm(do_, U_.transpose(-1, -2), out=ws.get("dA", m, C, C))
+            dA.masked_fill_(~incl, 0.0) if D is None else dA.mul_(D)
+            # through T = (I + L)^{-1}: [W, U~] = T [X1, X2], and dW = -dU S_0^T, so
+            # dX2 = T^T dU, dX1 = T^T dW = -dX2 S_0^T, dL = -(dX1 W^T + dX2 U~^T) = -dX2 U^T
+            dX2 = torch.bmm(T_.transpose(-1, -2), dU, out=ws.get("dX2", m, C, V))
+            dX1 = torch.bmm(dX2, S_in.transpose(-1, -2), out=ws.get("dX1", m, C, K)).neg_()
+            dL = torch.bmm(dX2, U_.transpose(-1, -2), out=ws.get("dL", m, C, C)).neg_().masked_fill_(~strict, 0.0)
+            k_w = k_ if b_ is None else torch.mul(k_, eb, out=ws.get("k_w", m, C, K))
+            db = torch.linalg.vecdot(dX1, k_w, out=ws.get("db", m, C))
+            db.add_(torch.linalg.vecdot(dX2, v_)).add_(torch.linalg.vecdot(dL, kk))
+            unchunk_slice(db, dbeta, n0)
+            dP = dL.mul_(be)
+            if D is not None:
+                dP.mul_(D)
+            dP = torch.add(dP, dP.transpose(-1, -2), out=ws.get("dP", m, C, C))
+            # assemble
+            dk_ = torch.bmm(dP, k_, out=ws.get("dk", m, C, K))
+            dk_.baddbmm_(dA.transpose(-1, -2), q_)
+            dv_ = torch.mul(dX2, be, out=ws.get("dv", m, C, V))
+            if D is not None:
+                dq_.mul_(eb)
+                dk_out.mul_(ek)
+                be = be * eb
+            dq_.baddbmm_(dA, k_)
+            dk_.add_(dk_out).addcmul_(dX1, be)
+            if need_g:
+                d = torch.linalg.vecdot(q_, dq_, out=ws.get("d", m, C))
+                d.sub_(torch.linalg.vecdot(v_, dv_))
+                rc = d @ rev  # [m, C]: reverse cumsum inside each chunk
+                tot = rc[:, 0].view(ns, BH)
+                after = tot.flip(0).cumsum(0).flip(0) - tot + carry  # sum over later chunks
+                carry = carry + tot.sum(0)
+                rc.view(ns, BH, C).add_(after[..., None])
+                unchunk_slice(rc, dg, n0)
+            unchunk_slice(dq_, dq, n0, scale)
+            unchunk_slice(dk_, dk, n0)
+            unchunk_slice(dv_, dv, n0)
+        dh0 = G.reshape(B, H, K, V) if has_h0 else None
+        return dq, dk, dv, dbeta, (dg if need_g else None), dh0, None, None
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final_state, chunk_size):
     """Causal chunked forward on a dense batch. Inputs already in the compute dtype."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = min(chunk_size or 64, -(-T // SUB_CHUNK) * SUB_CHUNK)
-    qc, kc, vc = to_chunks(q * scale, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
-    bc = to_chunks(beta, C)[..., None]  # [B, H, N, C, 1]
-    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
-    incl, strict = ones.tril(), ones.tril(-1)
-
-    kk = kc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
-    qk = qc @ kc.transpose(-1, -2)
-    if g is None:
-        L = (bc * kk).masked_fill(~strict, 0.0)
-        A_qk = qk.masked_fill(~incl, 0.0)
-        k_w, q_in, k_out, decay = kc, qc, kc, None
-    else:
-        b = to_chunks(g, C).cumsum(-1)  # [B, H, N, C]
-        diff = b[..., :, None] - b[..., None, :]
-        L = bc * kk * torch.exp(diff.masked_fill(~strict, float("-inf")))
-        A_qk = qk * torch.exp(diff.masked_fill(~incl, float("-inf")))
-        b_last = b[..., -1:]
-        k_w = kc * torch.exp(b)[..., None]
-        q_in = qc * torch.exp(b)[..., None]
-        k_out = kc * torch.exp(b_last - b)[..., None]
-        decay = torch.exp(b_last)[..., None]  # [B, H, N, 1, 1]
-
-    # One unit-lower-triangular solve for all chunks: (I + L) [W, U~] = diag(beta) [K exp(b), V].
-    # With unitriangular=True the (zero) diagonal of L is ignored and taken as 1.
-    X = torch.linalg.solve_triangular(L, torch.cat([bc * k_w, bc * vc], -1), upper=False, unitriangular=True)
-    W, U_tilde = X[..., :K], X[..., K:]
-
-    # The state recursion: the only loop, over chunks, on [B * H, ...] matrices. unbind (not
-    # indexing) keeps the backward linear in the number of chunks (one stack, not a zero-filled
-    # full-size gradient per chunk).
-    N = qc.shape[2]
-    S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V)
-    S = S.reshape(B * H, K, V)
-    W_, U_tilde_ = W.reshape(B * H, N, C, K), U_tilde.reshape(B * H, N, C, V)
-    k_out_ = k_out.reshape(B * H, N, C, K).transpose(-1, -2)
-    decays = [None] * N if decay is None else decay.reshape(B * H, N, 1, 1).unbind(1)
-    S_in, U = [], []
-    for W_n, U_tilde_n, k_out_n, decay_n in zip(W_.unbind(1), U_tilde_.unbind(1), k_out_.unbind(1), decays):
-        U_n = torch.baddbmm(U_tilde_n, W_n, S, alpha=-1)  # U~ - W S
-        S_in.append(S)
-        U.append(U_n)
-        S = torch.baddbmm(S if decay_n is None else decay_n * S, k_out_n, U_n)
-    S_in = torch.stack(S_in, 1).reshape(B, H, N, K, V)
-    U = torch.stack(U, 1).reshape(B, H, N, C, V)
-    S = S.reshape(B, H, K, V)
-    o = q_in @ S_in + A_qk @ U
-    return from_chunks(o, T), (S if output_final_state else None)
+    T = q.shape[1]
+    C = min(chunk_size or DEFAULT_CHUNK, -(-T // SUB_CHUNK) * SUB_CHUNK)
+    o, S = DeltaRuleFn.apply(q, k, v, beta, g, initial_state, scale, C)
+    return o, (S if output_final_state else None)
 
 
 @register("delta_rule", "torch")
