@@ -3,11 +3,13 @@
 The math is KERNELS.md sections 1-2 (see ``decay_chunk``); this module only organises it for the
 CPU:
 
-- layout: chunks are stored time-major, [N, B*H, C, K], so that a run of consecutive chunks of all
-  heads is one contiguous [n * B * H, C, K] batch of matrices (no copies to feed ``bmm``);
-- slices: forward and backward walk over runs of chunks of about ``SLICE_TOKENS`` positions, doing
-  everything for a run (intra-chunk scores, state contributions, the state scan, outputs) while
-  its data is in cache; no full-size temporaries besides the saved ones;
+- layout: chunks are handled time-major, [N, B*H, C, K], so that a run of consecutive chunks of
+  all heads is one contiguous [n * B * H, C, K] batch of matrices for ``bmm``;
+- slices: forward and backward walk over runs of chunks of about ``SLICE_TOKENS`` positions (all
+  heads together), copying the run's inputs into that layout (and the results back) and doing
+  everything for it (intra-chunk scores, state contributions, the state scan, outputs) while its
+  data is in cache. Temporaries live in a ``Workspace`` whose buffers are bounded by the slice
+  size and, on the CPU, kept between calls (fresh multi-MB allocations cost page faults);
 - a hand-written backward: the intra-chunk scores A ([C, C] per chunk), the scalar gate's decay
   matrix D and the chunk states are saved; every exp factor is recomputed; the reverse state
   recursion dS_prev = exp(b_C) dS + (Q * exp(b))^T dO runs in the same slices, in reverse;
@@ -28,8 +30,9 @@ from linmix.ops.common.utils import Workspace, chunk_slice, unchunk_slice
 SLICE_TOKENS = 4096  # positions (all heads together) per slice of consecutive chunks
 
 
-def _slices(N: int, BH: int, C: int) -> list[tuple[int, int]]:
-    step = max(1, SLICE_TOKENS // (BH * C))
+def _slices(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, int]]:
+    """Runs [n0, n1) of chunks of about SLICE_TOKENS positions; one run off the CPU (no cache to fit)."""
+    step = max(1, SLICE_TOKENS // (BH * C)) if device.type == "cpu" else N
     return [(n, min(n + step, N)) for n in range(0, N, step)]
 
 
@@ -87,7 +90,7 @@ class ChunkDecayFn(torch.autograd.Function):
         else:
             states[0].copy_(h0.reshape(BH, K, V))
         o = q.new_empty(B, T, H, V)
-        for n0, n1 in _slices(N, BH, C):
+        for n0, n1 in _slices(N, BH, C, q.device):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
@@ -146,7 +149,7 @@ class ChunkDecayFn(torch.autograd.Function):
                 if gate == "scalar":
                     carry = carry.sum(-1)
         G = q.new_zeros(BH, K, V) if dS_T is None else dS_T.reshape(BH, K, V)
-        for n0, n1 in reversed(_slices(N, BH, C)):
+        for n0, n1 in reversed(_slices(N, BH, C, q.device)):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)

@@ -10,10 +10,11 @@ inside a chunk (non-increasing), the state S_0 entering the chunk and q already 
 Every exponent is <= 0: no decay is ever divided by. For a vector gate D is per key dimension;
 the intra-chunk scores use secondary sub-chunks of 8: between sub-blocks J < I the product
 factors through the last position r of J, (q_i * exp(b_i - b_r)) . (k_j * exp(b_r - b_j)), both
-exponents <= 0; the 8 x 8 diagonal sub-blocks are computed elementwise. The elementwise part is
-memory-bound on the CPU, so the vector gate uses chunks of 32 by default (measured fastest at
-T = 8192 among C in {16, 32, 64} x sub-chunks in {8, 16}). The chunk states are
-then scanned (``pass_states``). Everything is differentiable by autograd.
+exponents <= 0; the 8 x 8 diagonal sub-blocks are computed elementwise, one offset i - j at a
+time (``gla_intra``). The vector gate uses chunks of 32 by default (on 2 CPU threads, C in
+{16, 32, 64} x sub-chunks in {4, 8, 16} measured within noise of each other at T = 2048 and
+8192; 32 x 8 never worse). The causal form is one autograd Function with a hand-written
+backward (``chunk_fn.ChunkDecayFn``); the bidirectional form combines two causal scans.
 """
 
 from __future__ import annotations

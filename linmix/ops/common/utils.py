@@ -1,4 +1,4 @@
-"""Small helpers shared by the PyTorch backends: compute dtype, chunk layout, state passing."""
+"""Small helpers shared by the PyTorch backends: compute dtype, time-major chunk slices, scratch buffers."""
 
 from __future__ import annotations
 
@@ -75,19 +75,6 @@ def unchunk_slice(xc: torch.Tensor, out: torch.Tensor, n0: int, scale: float | N
             out[:, t0 + full * C:].copy_(src[:, full, :tail])
         else:
             torch.mul(src[:, full, :tail], scale, out=out[:, t0 + full * C:])
-
-
-def chunk_time_major(x: torch.Tensor, C: int, N: int, scale: float | None = None) -> torch.Tensor:
-    """[B, T, H, *r] -> [N, B * H, C, *r] contiguous, zero-padded to N * C steps (times ``scale``)."""
-    B, _, H = x.shape[:3]
-    return chunk_slice(x, C, 0, N, scale=scale).view(N, B * H, C, *x.shape[3:])
-
-
-def unchunk_time_major(xc: torch.Tensor, B: int, T: int, H: int, scale: float | None = None) -> torch.Tensor:
-    """[N, B * H, C, *r] -> [B, T, H, *r] (drops the padding; times ``scale``)."""
-    out = xc.new_empty(B, T, H, *xc.shape[3:])
-    unchunk_slice(xc.reshape(-1, *xc.shape[2:]), out, 0, scale)
-    return out
 
 
 _scratch = threading.local()

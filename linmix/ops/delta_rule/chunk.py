@@ -15,8 +15,9 @@ once), W = T diag(beta) (K * exp(b)) and U~ = T diag(beta) V:
     O   = (Q * exp(b)) S_0 + ((Q K^T) o D) U,      D_ij = exp(b_i - b_j)  (i >= j, else 0)
 
 Everything except the state recursion is batched over chunks and heads; the recursion (two small
-matmuls per chunk) runs over slices of consecutive chunks, stored time-major ([N, B*H, C, K]) so
-that a slice is one contiguous batch. Every exponent is <= 0: no decay is ever divided by, and the
+matmuls per chunk) runs over slices of consecutive chunks, handled time-major ([N, B*H, C, K]) so
+that a slice is one contiguous batch, with scratch buffers reused across slices and calls (see
+``linmix.ops.common.chunk_fn``). Every exponent is <= 0: no decay is ever divided by, and the
 masked upper parts are set to -inf before the exp. T is zero-padded to whole chunks: a padded step
 has beta = 0, k = 0 and g = 0, i.e. an identity transition, so the final state is exact.
 
@@ -24,7 +25,7 @@ The backward is written by hand (``DeltaRuleFn``), differentiating the steps abo
 
     dU  = D'^T dO + K_out dS_C              (D' = (Q K^T) o D, K_out = K * exp(b_C - b))
     dS_0 = (Q * exp(b))^T dO + exp(b_C) dS_C - W^T dU           (the reverse recursion)
-    [dX1, dX2] = T^T [-dU S_0^T, dU],  dL = -strictly_lower(dX1 W^T + dX2 U~^T)
+    dX2 = T^T dU,   dX1 = T^T dW = -dX2 S_0^T,   dL = -strictly_lower(dX1 W^T + dX2 U~^T) = -strictly_lower(dX2 U^T)
 
 with X1 = diag(beta) K exp(b), X2 = diag(beta) V, plus the direct terms. The gate's gradient comes
 from an identity like the one of ``simple_gla`` (raising g_s by eps equals scaling q_t by e^eps and
@@ -47,8 +48,9 @@ DEFAULT_CHUNK = 64
 SLICE_TOKENS = 4096  # positions (all heads together) per slice of consecutive chunks
 
 
-def _slices(N: int, BH: int, C: int) -> list[tuple[int, int]]:
-    step = max(1, SLICE_TOKENS // (BH * C))
+def _slices(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, int]]:
+    """Runs [n0, n1) of chunks of about SLICE_TOKENS positions; one run off the CPU (no cache to fit)."""
+    step = max(1, SLICE_TOKENS // (BH * C)) if device.type == "cpu" else N
     return [(n, min(n + step, N)) for n in range(0, N, step)]
 
 
@@ -62,6 +64,14 @@ def _gate_factors(b, incl, ws):
     ek = ws.get("ek", m, C)
     torch.exp(torch.sub(b_last, b, out=ek), out=ek)
     return D, eb[..., None], ek[..., None], torch.exp(b_last)[..., None]
+
+
+def _transition(k_out, W, dec, ws):
+    """M = exp(b_C) I - K_out^T W [m, K, K], the chunk's state transition (without its input)."""
+    m, C, K = W.shape
+    Mt = torch.bmm(k_out.transpose(-1, -2), W, out=ws.get("M", m, K, K)).neg_()
+    Mt.diagonal(0, -2, -1).add_(1.0 if dec is None else dec.view(m, 1))
+    return Mt
 
 
 def _load(q, k, v, beta, g, scale, C, n0, n1, ws):
@@ -92,7 +102,7 @@ class DeltaRuleFn(torch.autograd.Function):
         ws = Workspace(q)
         incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        Tinv = q.new_empty(M, C, C)
+        Ts = []  # per slice: T = (I + L)^{-1} [m, C, C] (column-major, as LAPACK returns it)
         Aqk = q.new_empty(M, C, C)   # (Q K^T) o D
         KKD = q.new_empty(M, C, C)   # (K K^T) o Gamma (its strictly lower part is L / beta)
         W = q.new_empty(M, C, K)
@@ -103,7 +113,7 @@ class DeltaRuleFn(torch.autograd.Function):
             states[0].zero_()
         else:
             states[0].copy_(h0.reshape(BH, K, V))
-        for n0, n1 in _slices(N, BH, C):
+        for n0, n1 in _slices(N, BH, C, q.device):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
@@ -123,34 +133,33 @@ class DeltaRuleFn(torch.autograd.Function):
                 torch.mul(k_, eb, out=X1).mul_(be)
                 q_in, k_out = q_.mul_(eb), k_.mul_(ek)
             # T = (I + L)^{-1}; with unitriangular=True the diagonal of L is ignored (taken as 1)
-            T_ = Tinv[sl]
+            # (no out=: the solver works column-major and would transpose into a row-major out)
             Lb = torch.mul(kk, be, out=ws.get("L", m, C, C))
-            torch.linalg.solve_triangular(Lb, eye.expand_as(kk), upper=False, unitriangular=True, out=T_)
+            T_ = torch.linalg.solve_triangular(Lb, eye.expand_as(kk), upper=False, unitriangular=True)
+            Ts.append(T_)
             W_, U_ = W[sl], U[sl]
             torch.bmm(T_, X1, out=W_)
-            torch.bmm(T_, v_.mul_(be), out=U_)  # U~, turned into U = U~ - W S_0 in the loop
-            W4, U4 = W_.view(ns, BH, C, K), U_.view(ns, BH, C, V)
-            # unbind once: no indexing op per step
-            st, Ws, Us = states[n0:n1 + 1].unbind(0), W4.unbind(0), U4.unbind(0)
-            koT = k_out.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
-            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
-            for i in range(ns):
-                Us[i].baddbmm_(Ws[i], st[i], alpha=-1.0)  # U~ - W S
-                if decs is None:
-                    torch.baddbmm(st[i], koT[i], Us[i], out=st[i + 1])
-                else:
-                    torch.mul(st[i], decs[i], out=st[i + 1]).baddbmm_(koT[i], Us[i])
+            Ut = torch.bmm(T_, v_.mul_(be), out=ws.get("Ut", m, C, V))
+            # chunk transitions S_C = M S_0 + E with M = exp(b_C) I - K_out^T W, E = K_out^T U~:
+            # batched here, so that the recursion is one matmul per chunk
+            Mt = _transition(k_out, W_, dec, ws)
+            E = torch.bmm(k_out.transpose(-1, -2), Ut, out=ws.get("E", m, K, V)).view(ns, BH, K, V)
+            st, Ms, Es = states[n0:n1 + 1].unbind(0), Mt.view(ns, BH, K, K).unbind(0), E.unbind(0)
+            for i in range(ns):  # unbind (once), not indexing: no view op per step
+                torch.baddbmm(Es[i], Ms[i], st[i], out=st[i + 1])
+            S_in = states[n0:n1].view(m, K, V)
+            torch.baddbmm(Ut, W_, S_in, alpha=-1.0, out=U_)  # U = U~ - W S_0
             o_ = torch.bmm(A_, U_, out=ws.get("o", m, C, V))
-            o_.baddbmm_(q_in, states[n0:n1].view(-1, K, V))
+            o_.baddbmm_(q_in, S_in)
             unchunk_slice(o_, o, n0)
-        ctx.save_for_backward(q, k, v, beta, g, Tinv, Aqk, KKD, W, U, states)
+        ctx.save_for_backward(q, k, v, beta, g, Aqk, KKD, W, U, states, *Ts)
         ctx.meta = (scale, C, h0 is not None)
         return o, states[N].view(B, H, K, V).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
-        q, k, v, beta, g, Tinv, Aqk, KKD, W, U, states = ctx.saved_tensors
+        q, k, v, beta, g, Aqk, KKD, W, U, states, *Ts = ctx.saved_tensors
         scale, C, has_h0 = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
@@ -170,13 +179,13 @@ class DeltaRuleFn(torch.autograd.Function):
             else:  # <dS_T, S_T> enters every step's gate gradient
                 carry = (dS_T.reshape(BH, K, V) * states[N]).sum((-1, -2))
         G = q.new_zeros(BH, K, V) if dS_T is None else dS_T.reshape(BH, K, V).clone()
-        for n0, n1 in reversed(_slices(N, BH, C)):
+        for (n0, n1), T_ in reversed(list(zip(_slices(N, BH, C, q.device), Ts))):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
             q_, k_, v_, be, b_ = _load(q, k, v, beta, g, scale, C, n0, n1, ws)
             do_ = chunk_slice(do, C, n0, n1, ws.get("do", m, C, V))
-            T_, A_, kk, W_, U_ = Tinv[sl], Aqk[sl], KKD[sl], W[sl], U[sl]
+            A_, kk, W_, U_ = Aqk[sl], KKD[sl], W[sl], U[sl]
             if b_ is None:
                 D = dec = None
                 q_in, k_out = q_, k_
@@ -184,24 +193,20 @@ class DeltaRuleFn(torch.autograd.Function):
                 D, eb, ek, dec = _gate_factors(b_, incl, ws)
                 q_in = torch.mul(q_, eb, out=ws.get("q_in", m, C, K))
                 k_out = torch.mul(k_, ek, out=ws.get("k_out", m, C, K))
-            # reverse recursion over the slice's chunks
-            dU = torch.bmm(A_.transpose(-1, -2), do_, out=ws.get("dU", m, C, V))  # + K_out dS_C in the loop
-            Fq = torch.bmm(q_in.transpose(-1, -2), do_, out=ws.get("F", m, K, V)).view(ns, BH, K, V)
+            # reverse recursion over the slice's chunks: with dU = D'^T dO + K_out dS_C,
+            # dS_0 = (Q exp(b))^T dO - W^T D'^T dO + M^T dS_C  (M = exp(b_C) I - K_out^T W)
+            dU = torch.bmm(A_.transpose(-1, -2), do_, out=ws.get("dU", m, C, V))
+            Fq = torch.bmm(q_in.transpose(-1, -2), do_, out=ws.get("F", m, K, V))
+            Fq.baddbmm_(W_.transpose(-1, -2), dU, alpha=-1.0)
+            MT = _transition(k_out, W_, dec, ws).transpose(-1, -2)
             Gs = ws.get("Gs", ns + 1, BH, K, V)  # Gs[i + 1]: gradient of the state leaving chunk n0 + i
             Gs[ns] = G
-            gs, fs, dUs = Gs.unbind(0), Fq.unbind(0), dU.view(ns, BH, C, V).unbind(0)
-            WT = W_.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
-            ko = k_out.view(ns, BH, C, K).unbind(0)
-            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
+            gs, fs, ms = Gs.unbind(0), Fq.view(ns, BH, K, V).unbind(0), MT.view(ns, BH, K, K).unbind(0)
             for i in reversed(range(ns)):
-                dUs[i].baddbmm_(ko[i], gs[i + 1])
-                if decs is None:
-                    torch.add(fs[i], gs[i + 1], out=gs[i])
-                else:
-                    torch.addcmul(fs[i], gs[i + 1], decs[i], out=gs[i])
-                gs[i].baddbmm_(WT[i], dUs[i], alpha=-1.0)
+                torch.baddbmm(fs[i], ms[i], gs[i + 1], out=gs[i])
             G = Gs[0].clone()
             dSC = Gs[1:].view(m, K, V)
+            dU.baddbmm_(k_out, dSC)
             S_in = states[n0:n1].view(m, K, V)
             # direct terms
             dq_ = torch.bmm(do_, S_in.transpose(-1, -2), out=ws.get("dq", m, C, K))  # d(q_in)
