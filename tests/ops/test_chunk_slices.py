@@ -11,6 +11,7 @@ import torch
 import linmix  # noqa: F401  (registers the backends)
 from linmix.ops import delta_rule
 from linmix.ops.common import chunk_fn
+from linmix.ops.common.utils import Workspace
 from tests.ops import test_delta_rule
 from tests.ops.test_decay_ops import make_inputs
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, rel_err
@@ -63,6 +64,7 @@ def test_gradient_from_one_output_only(op, use_output, use_state):
 @pytest.mark.parametrize("op", ["gla", "delta_rule"])
 def test_scratch_reuse_across_shapes(op):
     """Scratch buffers kept between calls: a large call, then a small one, both still exact."""
+    Workspace.release()
     for T, K in [(300, 32), (20, 8), (130, 16)]:
         if op == "delta_rule":
             fn, x = delta_rule, test_delta_rule.make_inputs(2, T, 2, K, 24, dtype=torch.float64, initial_state=True)

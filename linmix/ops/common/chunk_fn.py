@@ -81,7 +81,6 @@ class ChunkDecayFn(torch.autograd.Function):
         BH, N = B * H, -(-T // C)
         M = N * BH
         ws = Workspace(q)
-        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         A = q.new_zeros(M, C, C) if gate == "vector" else q.new_empty(M, C, C)
         D = q.new_empty(M, C, C) if gate == "scalar" else None
         states = q.new_empty(N + 1, BH, K, V)  # states[n]: entering chunk n; states[N]: final
@@ -101,11 +100,11 @@ class ChunkDecayFn(torch.autograd.Function):
             else:
                 torch.bmm(q_, k_.transpose(-1, -2), out=A_)
                 if gate is None:
-                    A_.masked_fill_(~tril, 0.0)
+                    A_.tril_()  # (tril_: ~10x faster than masked_fill_ with a broadcast mask)
                 else:
                     D_ = D[sl]
                     torch.sub(b_[:, :, None], b_[:, None, :], out=D_)
-                    D_.masked_fill_(~tril, float("-inf")).exp_()
+                    D_.tril_().exp_().tril_()  # exp of <= 0 only (upper part: exp(0), then 0)
                     A_.mul_(D_)
             o_ = torch.bmm(A_, v_, out=ws.get("o", m, C, V))
             eb, ek, dec = _inter_factors(gate, b_, ws)
@@ -137,7 +136,6 @@ class ChunkDecayFn(torch.autograd.Function):
         if do is None:
             do = v.new_zeros(v.shape)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         need_g = gate is not None and ctx.needs_input_grad[3]
         if need_g:
             dg = torch.empty_like(g)
@@ -185,7 +183,7 @@ class ChunkDecayFn(torch.autograd.Function):
                 scores_bwd(dA, q_, k_, b_, torch.exp(g_), s, dq_, dk_)
             else:
                 if gate is None:
-                    dA.masked_fill_(~tril, 0.0)
+                    dA.tril_()
                 else:
                     dA.mul_(D[sl])
                 dq_.baddbmm_(dA, k_)

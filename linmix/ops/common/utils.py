@@ -101,6 +101,11 @@ class Workspace:
                 caches = _scratch.caches = {}
             self.kept = caches.setdefault(like.dtype, {})
 
+    @staticmethod
+    def release() -> None:
+        """Drop this thread's kept CPU scratch buffers (at most a few tens of MB per dtype)."""
+        _scratch.caches = {}
+
     def get(self, name: str, *shape: int) -> torch.Tensor:
         numel = 1
         for n in shape:

@@ -54,24 +54,16 @@ def _slices(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, in
     return [(n, min(n + step, N)) for n in range(0, N, step)]
 
 
-def _gate_factors(b, incl, ws):
+def _gate_factors(b, ws):
     """For b [m, C]: D (exp(b_i - b_j), i >= j, else 0), exp(b), exp(b_C - b) [m, C, 1], exp(b_C) [m, 1, 1]."""
     m, C = b.shape
     D = torch.sub(b[:, :, None], b[:, None, :], out=ws.get("D", m, C, C))
-    D.masked_fill_(~incl, float("-inf")).exp_()
+    D.tril_().exp_().tril_()  # exp of <= 0 only (upper part: exp(0), then 0); tril_ beats masked_fill_
     b_last = b[:, -1:]
     eb = torch.exp(b, out=ws.get("eb", m, C))
     ek = ws.get("ek", m, C)
     torch.exp(torch.sub(b_last, b, out=ek), out=ek)
     return D, eb[..., None], ek[..., None], torch.exp(b_last)[..., None]
-
-
-def _transition(k_out, W, dec, ws):
-    """M = exp(b_C) I - K_out^T W [m, K, K], the chunk's state transition (without its input)."""
-    m, C, K = W.shape
-    Mt = torch.bmm(k_out.transpose(-1, -2), W, out=ws.get("M", m, K, K)).neg_()
-    Mt.diagonal(0, -2, -1).add_(1.0 if dec is None else dec.view(m, 1))
-    return Mt
 
 
 def _load(q, k, v, beta, g, scale, C, n0, n1, ws):
@@ -100,7 +92,6 @@ class DeltaRuleFn(torch.autograd.Function):
         BH, N = B * H, -(-T // C)
         M = N * BH
         ws = Workspace(q)
-        incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
         Ts = []  # per slice: T = (I + L)^{-1} [m, C, C] (column-major, as LAPACK returns it)
         Aqk = q.new_empty(M, C, C)   # (Q K^T) o D
@@ -123,11 +114,11 @@ class DeltaRuleFn(torch.autograd.Function):
             torch.bmm(q_, k_.transpose(-1, -2), out=A_)
             X1 = ws.get("X1", m, C, K)  # diag(beta) K exp(b)
             if b_ is None:
-                A_.masked_fill_(~incl, 0.0)
+                A_.tril_()
                 torch.mul(k_, be, out=X1)
                 q_in, k_out, dec = q_, k_, None
             else:
-                D, eb, ek, dec = _gate_factors(b_, incl, ws)
+                D, eb, ek, dec = _gate_factors(b_, ws)
                 kk.mul_(D)
                 A_.mul_(D)
                 torch.mul(k_, eb, out=X1).mul_(be)
@@ -139,18 +130,20 @@ class DeltaRuleFn(torch.autograd.Function):
             Ts.append(T_)
             W_, U_ = W[sl], U[sl]
             torch.bmm(T_, X1, out=W_)
-            Ut = torch.bmm(T_, v_.mul_(be), out=ws.get("Ut", m, C, V))
-            # chunk transitions S_C = M S_0 + E with M = exp(b_C) I - K_out^T W, E = K_out^T U~:
-            # batched here, so that the recursion is one matmul per chunk
-            Mt = _transition(k_out, W_, dec, ws)
-            E = torch.bmm(k_out.transpose(-1, -2), Ut, out=ws.get("E", m, K, V)).view(ns, BH, K, V)
-            st, Ms, Es = states[n0:n1 + 1].unbind(0), Mt.view(ns, BH, K, K).unbind(0), E.unbind(0)
-            for i in range(ns):  # unbind (once), not indexing: no view op per step
-                torch.baddbmm(Es[i], Ms[i], st[i], out=st[i + 1])
-            S_in = states[n0:n1].view(m, K, V)
-            torch.baddbmm(Ut, W_, S_in, alpha=-1.0, out=U_)  # U = U~ - W S_0
+            torch.bmm(T_, v_.mul_(be), out=U_)  # U~, turned into U = U~ - W S_0 in the loop
+            W4, U4 = W_.view(ns, BH, C, K), U_.view(ns, BH, C, V)
+            # unbind once: no indexing op per step
+            st, Ws, Us = states[n0:n1 + 1].unbind(0), W4.unbind(0), U4.unbind(0)
+            koT = k_out.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
+            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
+            for i in range(ns):
+                Us[i].baddbmm_(Ws[i], st[i], alpha=-1.0)  # U~ - W S
+                if decs is None:
+                    torch.baddbmm(st[i], koT[i], Us[i], out=st[i + 1])
+                else:
+                    torch.mul(st[i], decs[i], out=st[i + 1]).baddbmm_(koT[i], Us[i])
             o_ = torch.bmm(A_, U_, out=ws.get("o", m, C, V))
-            o_.baddbmm_(q_in, S_in)
+            o_.baddbmm_(q_in, states[n0:n1].view(-1, K, V))
             unchunk_slice(o_, o, n0)
         ctx.save_for_backward(q, k, v, beta, g, Aqk, KKD, W, U, states, *Ts)
         ctx.meta = (scale, C, h0 is not None)
@@ -167,8 +160,6 @@ class DeltaRuleFn(torch.autograd.Function):
         ws = Workspace(q)
         if do is None:
             do = v.new_zeros(v.shape)
-        ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
-        incl, strict = ones.tril(), ones.tril(-1)
         dq, dk, dv, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
         need_g = g is not None and ctx.needs_input_grad[4]
         if need_g:
@@ -190,34 +181,38 @@ class DeltaRuleFn(torch.autograd.Function):
                 D = dec = None
                 q_in, k_out = q_, k_
             else:
-                D, eb, ek, dec = _gate_factors(b_, incl, ws)
+                D, eb, ek, dec = _gate_factors(b_, ws)
                 q_in = torch.mul(q_, eb, out=ws.get("q_in", m, C, K))
                 k_out = torch.mul(k_, ek, out=ws.get("k_out", m, C, K))
-            # reverse recursion over the slice's chunks: with dU = D'^T dO + K_out dS_C,
-            # dS_0 = (Q exp(b))^T dO - W^T D'^T dO + M^T dS_C  (M = exp(b_C) I - K_out^T W)
-            dU = torch.bmm(A_.transpose(-1, -2), do_, out=ws.get("dU", m, C, V))
-            Fq = torch.bmm(q_in.transpose(-1, -2), do_, out=ws.get("F", m, K, V))
-            Fq.baddbmm_(W_.transpose(-1, -2), dU, alpha=-1.0)
-            MT = _transition(k_out, W_, dec, ws).transpose(-1, -2)
+            # reverse recursion over the slice's chunks
+            dU = torch.bmm(A_.transpose(-1, -2), do_, out=ws.get("dU", m, C, V))  # + K_out dS_C in the loop
+            Fq = torch.bmm(q_in.transpose(-1, -2), do_, out=ws.get("F", m, K, V)).view(ns, BH, K, V)
             Gs = ws.get("Gs", ns + 1, BH, K, V)  # Gs[i + 1]: gradient of the state leaving chunk n0 + i
             Gs[ns] = G
-            gs, fs, ms = Gs.unbind(0), Fq.view(ns, BH, K, V).unbind(0), MT.view(ns, BH, K, K).unbind(0)
+            gs, fs, dUs = Gs.unbind(0), Fq.unbind(0), dU.view(ns, BH, C, V).unbind(0)
+            WT = W_.view(ns, BH, C, K).transpose(-1, -2).unbind(0)
+            ko = k_out.view(ns, BH, C, K).unbind(0)
+            decs = None if dec is None else dec.view(ns, BH, 1, 1).unbind(0)
             for i in reversed(range(ns)):
-                torch.baddbmm(fs[i], ms[i], gs[i + 1], out=gs[i])
+                dUs[i].baddbmm_(ko[i], gs[i + 1])
+                if decs is None:
+                    torch.add(fs[i], gs[i + 1], out=gs[i])
+                else:
+                    torch.addcmul(fs[i], gs[i + 1], decs[i], out=gs[i])
+                gs[i].baddbmm_(WT[i], dUs[i], alpha=-1.0)
             G = Gs[0].clone()
             dSC = Gs[1:].view(m, K, V)
-            dU.baddbmm_(k_out, dSC)
             S_in = states[n0:n1].view(m, K, V)
             # direct terms
             dq_ = torch.bmm(do_, S_in.transpose(-1, -2), out=ws.get("dq", m, C, K))  # d(q_in)
             dk_out = torch.bmm(U_, dSC.transpose(-1, -2), out=ws.get("dk_out", m, C, K))
             dA = torch.bmm(do_, U_.transpose(-1, -2), out=ws.get("dA", m, C, C))
-            dA.masked_fill_(~incl, 0.0) if D is None else dA.mul_(D)
+            dA.tril_() if D is None else dA.mul_(D)
             # through T = (I + L)^{-1}: [W, U~] = T [X1, X2], and dW = -dU S_0^T, so
             # dX2 = T^T dU, dX1 = T^T dW = -dX2 S_0^T, dL = -(dX1 W^T + dX2 U~^T) = -dX2 U^T
             dX2 = torch.bmm(T_.transpose(-1, -2), dU, out=ws.get("dX2", m, C, V))
             dX1 = torch.bmm(dX2, S_in.transpose(-1, -2), out=ws.get("dX1", m, C, K)).neg_()
-            dL = torch.bmm(dX2, U_.transpose(-1, -2), out=ws.get("dL", m, C, C)).neg_().masked_fill_(~strict, 0.0)
+            dL = torch.bmm(dX2, U_.transpose(-1, -2), out=ws.get("dL", m, C, C)).neg_().tril_(-1)
             k_w = k_ if b_ is None else torch.mul(k_, eb, out=ws.get("k_w", m, C, K))
             db = torch.linalg.vecdot(dX1, k_w, out=ws.get("db", m, C))
             db.add_(torch.linalg.vecdot(dX2, v_)).add_(torch.linalg.vecdot(dL, kk))
