@@ -3,8 +3,6 @@ gradients, scratch-buffer reuse between calls, odd sub-chunk sizes -- against th
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -16,14 +14,10 @@ from tests.ops import test_delta_rule
 from tests.ops.test_decay_ops import make_inputs
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, rel_err
 
-delta_chunk = sys.modules["linmix.ops.delta_rule.chunk"]
-
-
 @pytest.fixture
 def tiny_slices(monkeypatch):
-    """One chunk per slice: every state, gradient and gate carry crosses a slice boundary."""
+    """One chunk per slice (both chunk forms share chunk_fn.SLICE_TOKENS): every carry crosses a slice."""
     monkeypatch.setattr(chunk_fn, "SLICE_TOKENS", 1)
-    monkeypatch.setattr(delta_chunk, "SLICE_TOKENS", 1)
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "simple_gla", "gla"])

@@ -30,13 +30,13 @@ from linmix.ops.common.utils import Workspace, chunk_slice, unchunk_slice
 SLICE_TOKENS = 4096  # positions (all heads together) per slice of consecutive chunks
 
 
-def _slices(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, int]]:
+def chunk_runs(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, int]]:
     """Runs [n0, n1) of chunks of about SLICE_TOKENS positions; one run off the CPU (no cache to fit)."""
     step = max(1, SLICE_TOKENS // (BH * C)) if device.type == "cpu" else N
     return [(n, min(n + step, N)) for n in range(0, N, step)]
 
 
-def _inter_factors(gate, b, ws):
+def inter_factors(gate, b, ws):
     """exp(b), exp(b_C - b) and the chunk decay exp(b_C) shaped for the state [.., K, V]."""
     if gate is None:
         return None, None, None
@@ -53,7 +53,7 @@ def _inter_factors(gate, b, ws):
     return eb, ek, torch.exp(b_last).transpose(-1, -2)
 
 
-def _load(q, k, v, g, gate, scale, C, n0, n1, ws):
+def load_chunks(q, k, v, g, gate, scale, C, n0, n1, ws):
     """The time-major chunks n0..n1 of q (times scale), k, v, and the in-chunk cumulative gate b."""
     K, V = q.shape[-1], v.shape[-1]
     m = (n1 - n0) * q.shape[0] * q.shape[2]
@@ -89,11 +89,11 @@ class ChunkDecayFn(torch.autograd.Function):
         else:
             states[0].copy_(h0.reshape(BH, K, V))
         o = q.new_empty(B, T, H, V)
-        for n0, n1 in _slices(N, BH, C, q.device):
+        for n0, n1 in chunk_runs(N, BH, C, q.device):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
-            q_, k_, v_, g_, b_ = _load(q, k, v, g, gate, scale, C, n0, n1, ws)
+            q_, k_, v_, g_, b_ = load_chunks(q, k, v, g, gate, scale, C, n0, n1, ws)
             A_ = A[sl]
             if gate == "vector":
                 scores(q_, k_, b_, torch.exp(g_, out=g_), s, A_)
@@ -107,7 +107,7 @@ class ChunkDecayFn(torch.autograd.Function):
                     D_.tril_().exp_().tril_()  # exp of <= 0 only (upper part: exp(0), then 0)
                     A_.mul_(D_)
             o_ = torch.bmm(A_, v_, out=ws.get("o", m, C, V))
-            eb, ek, dec = _inter_factors(gate, b_, ws)
+            eb, ek, dec = inter_factors(gate, b_, ws)
             q_in = q_ if eb is None else q_.mul_(eb)
             k_out = k_ if ek is None else k_.mul_(ek)
             E = torch.bmm(k_out.transpose(-1, -2), v_, out=ws.get("E", m, K, V)).view(ns, BH, K, V)
@@ -147,13 +147,13 @@ class ChunkDecayFn(torch.autograd.Function):
                 if gate == "scalar":
                     carry = carry.sum(-1)
         G = q.new_zeros(BH, K, V) if dS_T is None else dS_T.reshape(BH, K, V)
-        for n0, n1 in reversed(_slices(N, BH, C, q.device)):
+        for n0, n1 in reversed(chunk_runs(N, BH, C, q.device)):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
-            q_, k_, v_, g_, b_ = _load(q, k, v, g, gate, scale, C, n0, n1, ws)
+            q_, k_, v_, g_, b_ = load_chunks(q, k, v, g, gate, scale, C, n0, n1, ws)
             do_ = chunk_slice(do, C, n0, n1, ws.get("do", m, C, V))
-            eb, ek, dec = _inter_factors(gate, b_, ws)
+            eb, ek, dec = inter_factors(gate, b_, ws)
             q_in = q_ if eb is None else torch.mul(q_, eb, out=ws.get("q_in", m, C, K))
             k_out = k_ if ek is None else torch.mul(k_, ek, out=ws.get("k_out", m, C, K))
             # reverse state recursion: Gs[i] = gradient of the state leaving chunk n0 + i

@@ -40,18 +40,12 @@ from __future__ import annotations
 
 import torch
 
+from linmix.ops.common.chunk_fn import chunk_runs, inter_factors, load_chunks
 from linmix.ops.common.utils import Workspace, chunk_slice, compute_dtype, run_packed, unchunk_slice, upcast
 from linmix.ops.dispatch import register
 
 SUB_CHUNK = 16
 DEFAULT_CHUNK = 64
-SLICE_TOKENS = 4096  # positions (all heads together) per slice of consecutive chunks
-
-
-def _slices(N: int, BH: int, C: int, device: torch.device) -> list[tuple[int, int]]:
-    """Runs [n0, n1) of chunks of about SLICE_TOKENS positions; one run off the CPU (no cache to fit)."""
-    step = max(1, SLICE_TOKENS // (BH * C)) if device.type == "cpu" else N
-    return [(n, min(n + step, N)) for n in range(0, N, step)]
 
 
 def _gate_factors(b, ws):
@@ -59,25 +53,13 @@ def _gate_factors(b, ws):
     m, C = b.shape
     D = torch.sub(b[:, :, None], b[:, None, :], out=ws.get("D", m, C, C))
     D.tril_().exp_().tril_()  # exp of <= 0 only (upper part: exp(0), then 0); tril_ beats masked_fill_
-    b_last = b[:, -1:]
-    eb = torch.exp(b, out=ws.get("eb", m, C))
-    ek = ws.get("ek", m, C)
-    torch.exp(torch.sub(b_last, b, out=ek), out=ek)
-    return D, eb[..., None], ek[..., None], torch.exp(b_last)[..., None]
+    return (D, *inter_factors("scalar", b, ws))
 
 
 def _load(q, k, v, beta, g, scale, C, n0, n1, ws):
     """The time-major chunks n0..n1 of q (times scale), k, v, beta [m, C, 1] and the in-chunk cumsum of g."""
-    K, V = q.shape[-1], v.shape[-1]
-    m = (n1 - n0) * q.shape[0] * q.shape[2]
-    q_ = chunk_slice(q, C, n0, n1, ws.get("q", m, C, K), scale)
-    k_ = chunk_slice(k, C, n0, n1, ws.get("k", m, C, K))
-    v_ = chunk_slice(v, C, n0, n1, ws.get("v", m, C, V))
-    be = chunk_slice(beta, C, n0, n1, ws.get("beta", m, C))[..., None]
-    b_ = None
-    if g is not None:
-        g_ = chunk_slice(g, C, n0, n1, ws.get("g", m, C))
-        b_ = torch.cumsum(g_, -1, out=ws.get("b", m, C))
+    q_, k_, v_, _, b_ = load_chunks(q, k, v, g, None if g is None else "scalar", scale, C, n0, n1, ws)
+    be = chunk_slice(beta, C, n0, n1, ws.get("beta", q_.shape[0], C))[..., None]
     return q_, k_, v_, be, b_
 
 
@@ -104,7 +86,7 @@ class DeltaRuleFn(torch.autograd.Function):
             states[0].zero_()
         else:
             states[0].copy_(h0.reshape(BH, K, V))
-        for n0, n1 in _slices(N, BH, C, q.device):
+        for n0, n1 in chunk_runs(N, BH, C, q.device):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
@@ -170,7 +152,7 @@ class DeltaRuleFn(torch.autograd.Function):
             else:  # <dS_T, S_T> enters every step's gate gradient
                 carry = (dS_T.reshape(BH, K, V) * states[N]).sum((-1, -2))
         G = q.new_zeros(BH, K, V) if dS_T is None else dS_T.reshape(BH, K, V).clone()
-        for (n0, n1), T_ in reversed(list(zip(_slices(N, BH, C, q.device), Ts))):
+        for (n0, n1), T_ in reversed(list(zip(chunk_runs(N, BH, C, q.device), Ts))):
             ns = n1 - n0
             m = ns * BH
             sl = slice(n0 * BH, n1 * BH)
