@@ -10,9 +10,15 @@ decay is one ``exp2``), S_0 = h_n the state entering chunk n:
               dv = exp(b_C - b) * (K dh_n) + ((Q K^T) o D)^T dO                 (chunk_dv)
               dq = exp(b) * (dO h_n^T) + ((dO V^T) o D) K                       (chunk_dqk)
               dk = exp(b_C - b) * (V dh_n^T) + ((dO V^T) o D)^T Q
-              dg_s = sum_{t >= s} sum_K (q_t dq_t - k_t dk_t) + <dS_T, S_T>     (PyTorch, after)
+              dg_s = sum_{t >= s, t in chunk n} sum_K (q_t dq_t - k_t dk_t) + <dh_n, h_{n+1}>   (chunk_dqk)
 
-where dh_n is the gradient of the state *leaving* chunk n. Every exponent is <= 0: the
+where dh_n is the gradient of the state *leaving* chunk n (dS_T for the last chunk). The gate gradient
+is the identity of KERNELS.md section 1 (dg_s = sum_{t >= s} (q dq - k dk) + <dS_T, S_T>) cut at the
+chunk boundary: the suffix sum past chunk n equals <dh_n, h_{n+1}> (the gradient of a virtual gate
+applied to the state leaving the chunk), computed in-kernel as
+exp(b_C) <dh_n, h_n> + sum_j k_j . dk_j^inter from tiles already loaded. A reverse cumsum over the
+whole sequence would accumulate the rounding of every later token's (large, mostly cancelling)
+q dq - k dk term; the chunk-local form keeps dg's bf16 error independent of T. Every exponent is <= 0: the
 intra-chunk decay is masked (i >= j, and i inside the sequence) *before* ``exp2``, so no inf
 ever meets a zero. Matmuls run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with float32
 accumulation; float32 inputs use ``input_precision="ieee"`` (exact, no TF32). The scanned states,
@@ -27,7 +33,7 @@ Kernels (the math step each computes, and its grid):
 * ``_pass_states_bwd_kernel``  the reverse scan of dS; stores dh [B*H, NT, K, V] (gradient of the
   state leaving each chunk) and d initial_state; (NK, NV, B*H).
 * ``_chunk_dv_kernel``         dv; (NV, NT, B*H).
-* ``_chunk_dqk_kernel``        dq, dk and each K block's part of sum_K (q dq - k dk); (NK, NT, B*H).
+* ``_chunk_dqk_kernel``        dq, dk and each K block's part of the chunk-local gate gradient; (NK, NT, B*H).
 
 The gate flag ``USE_G`` is a constexpr: ``linear_attn`` compiles the gate loads and exps out.
 The backward recomputes h (one forward state pass) instead of keeping it alive from the forward.
@@ -58,6 +64,7 @@ import types
 import torch
 
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
+from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.utils import run_packed
 from linmix.ops.dispatch import register
 
@@ -72,7 +79,7 @@ except ImportError:  # linmix imports without triton; nothing is registered then
     triton = types.SimpleNamespace(jit=lambda fn: fn)
     tl = types.SimpleNamespace(constexpr=None)
 
-__all__ = ["HAS_TRITON", "ScalarDecayChunkFunction", "scalar_decay_chunk"]
+__all__ = ["HAS_TRITON", "scalar_decay_chunk"]
 
 # --------------------------------------------------------------------------------------------
 # Shared in-kernel pieces
@@ -306,6 +313,7 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg_part, scale, T, NT,
     acc_dq = tl.zeros([C, BK], dtype=tl.float32)
     acc_dk = tl.zeros([C, BK], dtype=tl.float32)
     dscores = tl.zeros([C, C], dtype=tl.float32)
+    dh_dot_h = tl.zeros([BK], dtype=tl.float32)  # sum_V dh_n * h_n, for the gate gradient's boundary term
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -318,6 +326,8 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg_part, scale, T, NT,
         acc_dq = tl.dot(d_o, h_t.to(d_o.dtype), acc_dq, input_precision=PREC)
         acc_dk = tl.dot(vt, dh_t.to(vt.dtype), acc_dk, input_precision=PREC)
         dscores = tl.dot(d_o, tl.trans(vt), dscores, input_precision=PREC)
+        if USE_G:
+            dh_dot_h += tl.sum(dh_t.to(tl.float32) * h_t.to(tl.float32), axis=0)
     b_t = tl.zeros([C], dtype=tl.float32)
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
@@ -327,15 +337,21 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg_part, scale, T, NT,
     dscores = _causal_decay(dscores, b_t, o_c, n_valid, USE_G) * scale
     qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
     kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
+    if USE_G:
+        # This K block's part of <dh_n, h_{n+1}> (h_{n+1} = exp(b_C) h_n + (K exp(b_C - b))^T V), from data at hand:
+        # exp(b_C) <dh_n, h_n> + sum_j k_j . dk_j^inter, with dk^inter = exp(b_C - b) (V dh_n^T) (acc_dk here).
+        boundary = tl.exp2(b_last) * tl.sum(dh_dot_h) + tl.sum(kt.to(tl.float32) * acc_dk)
     acc_dq = tl.dot(dscores.to(kt.dtype), kt, acc_dq * scale, input_precision=PREC)
     acc_dk = tl.dot(tl.trans(dscores).to(qt.dtype), qt, acc_dk, input_precision=PREC)
     offs = row0 * K + o_c[:, None] * (H * K) + o_k[None, :]
     tl.store(dq + offs, acc_dq.to(dq.dtype.element_ty), mask=m_ck)
     tl.store(dk + offs, acc_dk.to(dk.dtype.element_ty), mask=m_ck)
     if USE_G:
+        # Chunk-local gate gradient (this K block's part): dg_s = sum_{t >= s in chunk} (q dq - k dk) + boundary.
         part = tl.sum(qt.to(tl.float32) * acc_dq - kt.to(tl.float32) * acc_dk, axis=1)
-        # dg_part is [NK, B*H, T]: contiguous along T for the reverse cumsum that follows.
-        tl.store(dg_part + (i_k.to(tl.int64) * tl.num_programs(2) + i_bh) * T + i_t * C + o_c, part, mask=m_c)
+        part = tl.where(m_c, part, 0.0)
+        dg_c = tl.sum(part) - tl.cumsum(part, axis=0) + part + boundary
+        tl.store(dg_part + (i_k.to(tl.int64) * tl.num_programs(2) + i_bh) * T + i_t * C + o_c, dg_c, mask=m_c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,54 +442,62 @@ def _chunk_dqk(q, k, v, b, h, do, dh, scale, s: _Sizes):
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd
+# Forward / backward, registered as torch.library custom ops (opaque to torch.compile)
 # --------------------------------------------------------------------------------------------
 
-class ScalarDecayChunkFunction(torch.autograd.Function):
-    """Causal chunked scalar-decay attention on a dense batch; g None means no decay."""
+def _forward(q, k, v, g, initial_state, scale, output_final_state, chunk_size):
+    """(o, final state or None) of the causal chunked scalar-decay attention on a dense batch; g None: no decay."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    s = _Sizes(q, v, chunk_size)
+    b = None if g is None else _chunk_cumsum(g.contiguous(), s)
+    h, ht = _pass_states_fwd(k, v, b, h0, s, store_final=output_final_state)
+    return _chunk_outputs(q, k, v, b, h, scale, s), ht
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
-        ctx.set_materialize_grads(False)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        h0 = None if initial_state is None else initial_state.detach().float().contiguous()
-        s = _Sizes(q, v, chunk_size)
-        b = None if g is None else _chunk_cumsum(g.contiguous(), s)
-        h, ht = _pass_states_fwd(k, v, b, h0, s, store_final=output_final_state)
-        o = _chunk_outputs(q, k, v, b, h, scale, s)
-        ctx.save_for_backward(q, k, v, b, h0)
-        ctx.sizes, ctx.scale = s, scale
-        ctx.g_dtype = None if g is None else g.dtype
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        return o, ht
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, b, h0 = ctx.saved_tensors
-        s, scale = ctx.sizes, ctx.scale
-        do = torch.zeros_like(v) if do is None else do.contiguous()
-        dht = None if dht is None else dht.float().contiguous()
-        need_final = b is not None and dht is not None and ctx.needs_input_grad[3]
-        # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes.
-        h, ht = _pass_states_fwd(k, v, b, h0, s, store_final=need_final)
-        dh, dh0 = _pass_states_bwd(q, b, do, dht, scale, s, store_initial_grad=ctx.needs_input_grad[4])
-        dv = _chunk_dv(q, k, b, do, dh, scale, s)
-        dq, dk, dg_part = _chunk_dqk(q, k, v, b, h, do, dh, scale, s)
-        dg = None
-        if b is not None and ctx.needs_input_grad[3]:
-            # KERNELS.md section 1: dg_s = sum_{t >= s} sum_K (q dq - k dk) + <dS_T, S_T>.
-            # The scan runs along the last (contiguous) dim: a cumsum along T of [B, T, H] is ~100x slower on GPU.
-            dg = dg_part.sum(0).flip(-1).cumsum(-1).flip(-1)  # [B, H, T]
-            if need_final:
-                dg = dg + (dht * ht).sum((-2, -1))[..., None]
-            dg = dg.transpose(1, 2).to(ctx.g_dtype).contiguous()
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, dh0, None, None, None
+def _fake_forward(q, k, v, g, initial_state, scale, output_final_state, chunk_size):
+    B, _, H, K = q.shape
+    ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+    return torch.empty_like(v), ht
+
+
+def _backward(inputs, saved, grads, consts, needs):
+    """Gradients of (q, k, v, g, initial_state) given those of (o, final state)."""
+    q, k, v, g, h0 = (inputs[n] for n in ("q", "k", "v", "g", "initial_state"))
+    do, dht = grads
+    scale = consts["scale"]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    s = _Sizes(q, v, consts["chunk_size"])
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    h0f = None if h0 is None else h0.float().contiguous()
+    b = None if g is None else _chunk_cumsum(g.contiguous(), s)
+    # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes.
+    h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False)
+    dh, dh0 = _pass_states_bwd(q, b, do, dht, scale, s, store_initial_grad=needs[4])
+    dv = _chunk_dv(q, k, b, do, dh, scale, s)
+    dq, dk, dg_part = _chunk_dqk(q, k, v, b, h, do, dh, scale, s)
+    dg = None
+    if b is not None and needs[3]:
+        # Chunk-local (see the module docstring), summed over the K blocks: [NK, B, H, T] -> [B, T, H].
+        dg = dg_part.sum(0).transpose(1, 2).to(g.dtype).contiguous()
+    if dh0 is not None:
+        dh0 = dh0.to(h0.dtype)
+    return dq, dk, dv, dg, dh0
+
+
+if HAS_TRITON:
+    # One opaque op for torch.compile (see linmix.ops.common.custom_op), used in eager mode too.
+    scalar_decay_op = TritonOp(
+        "scalar_decay_chunk",
+        "Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? initial_state, float scale, bool output_final_state, "
+        "int chunk_size", 2, forward=_forward, backward=_backward, fake_forward=_fake_forward)
 
 
 def _causal(q, k, v, g, *, scale, initial_state, output_final_state, chunk_size):
-    return ScalarDecayChunkFunction.apply(q, k, v, g, initial_state, scale, output_final_state, chunk_size)
+    o, ht = scalar_decay_op(q=q, k=k, v=v, g=g, initial_state=initial_state, scale=float(scale),
+                            output_final_state=output_final_state, chunk_size=chunk_size)
+    return o, ht
 
 
 def _bidirectional(q, k, v, g, *, scale, initial_state, output_final_state, chunk_size):

@@ -1,0 +1,219 @@
+"""GPU evidence for the Triton backends: bf16 accuracy, timing next to fla and SDPA with the floor, decode steps.
+
+    python benchmarks/gpu.py check  --out DIR   # bf16 Triton vs float32 reference: rel. L2 error of o, state, grads
+    python benchmarks/gpu.py bench  --out DIR [--fla] [--seq-lens 2048 8192 32768] [--ops ...]
+    python benchmarks/gpu.py decode --out DIR [--fla]   # one token, B=64, state carried
+
+Every sub-command prints a markdown table and writes it (and a JSON of the rows) under --out.
+Standard shapes (DESIGN.md section 5): bf16, B*T = 65,536, H = 16, K = V = 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import linmix
+from linmix.bench.fla import fla_decode_ops, fla_ops, fla_version
+from linmix.bench.floor import attention_floor, decode_floor, measure_rates, op_floor
+
+OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
+
+
+def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, *, state: bool = False):
+    """Leaf tensors (q, k, v, extra gates / beta, initial state) for one op, in the op's argument order."""
+    dev = "cuda"
+    q = torch.randn(B, T, H, K, device=dev, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=dev, dtype=dtype)
+    v = torch.randn(B, T, H, V, device=dev, dtype=dtype)
+    extra: dict[str, torch.Tensor] = {}
+    if op in ("delta_rule", "gated_delta_rule"):
+        k = F.normalize(k.float(), dim=-1).to(dtype)
+        extra["beta"] = torch.rand(B, T, H, device=dev).sigmoid().to(dtype)
+    if op in ("simple_gla", "gated_delta_rule"):
+        extra["g"] = F.logsigmoid(torch.randn(B, T, H, device=dev))
+    if op == "gla":
+        extra["g"] = F.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16
+    h0 = torch.randn(B, H, K, V, device=dev) if state else None
+    return q, k, v, extra, h0
+
+
+def call(op: str, backend: str, q, k, v, extra, **kw):
+    fn = getattr(linmix.ops, "delta_rule" if op == "gated_delta_rule" else op)
+    return fn(q, k, v, **extra, backend=backend, **kw)
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def check(args) -> list[dict]:
+    """bf16 Triton vs the float32 torch chunk form on the same (bf16-rounded) inputs, all gradients."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for op in args.ops:
+        for B, T in args.shapes:
+            torch.manual_seed(0)
+            q, k, v, extra, h0 = make_inputs(op, B, T, 16, 128, 128, torch.bfloat16, state=True)
+            leaves = {"q": q, "k": k, "v": v, **extra, "initial_state": h0}
+            do = torch.randn_like(v)
+            dht = torch.randn_like(h0)
+            results = {}
+            for name, backend, cast in (("triton", "triton", None), ("ref", "torch", torch.float32)):
+                xs = {n: (t.to(cast) if cast is not None and n != "initial_state" else t).detach().requires_grad_()
+                      for n, t in leaves.items()}
+                e = {n: xs[n] for n in extra}
+                o, ht = call(op, backend, xs["q"], xs["k"], xs["v"], e, initial_state=xs["initial_state"],
+                             output_final_state=True)
+                grads = torch.autograd.grad((o, ht), list(xs.values()), (do.to(o.dtype), dht))
+                results[name] = {"o": o, "final_state": ht, **{f"d{n}": g for n, g in zip(xs, grads)}}
+                del o, ht, grads
+            row = {"op": op, "B": B, "T": T}
+            row.update({n: rel_l2(results["triton"][n], results["ref"][n]) for n in results["ref"]})
+            row["max"] = max(v for n, v in row.items() if n not in ("op", "B", "T"))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            del results
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, quantiles=[0.5])
+
+
+def time_op(fn, q, k, v, extra, do) -> tuple[float, float]:
+    leaves = [q, k, v, *extra.values()]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, **extra)
+
+    def fwd_bwd():
+        o = fn(q, k, v, **extra)[0]
+        torch.autograd.grad(o, leaves, do)
+
+    return _bench(fwd), _bench(fwd_bwd)
+
+
+def bench(args) -> list[dict]:
+    rates = measure_rates("cuda")
+    print(f"measured: matmul {rates.flops / 1e12:.0f} TFLOP/s, copy {rates.bytes / 1e12:.2f} TB/s", file=sys.stderr)
+    fla = fla_ops(bypass_hopper_guard=True) if args.fla else {}
+    rows = []
+    H, K, V = 16, 128, 128
+    for T in args.seq_lens:
+        B = max(1, 65536 // T)
+        q, k, v, _, _ = make_inputs("linear_attn", B, T, H, K, V, torch.bfloat16)
+        do = torch.randn_like(v)
+
+        def sdpa(q, k, v):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            return (o.transpose(1, 2),)
+
+        f, fb = time_op(sdpa, q, k, v, {}, do)
+        rows.append({"op": "sdpa_causal", "impl": "torch SDPA", "T": T, "B": B, "fwd_ms": f, "fwdbwd_ms": fb,
+                     "floor_fwd_ms": attention_floor(B, T, H, K, V, rates, backward=False) * 1e3,
+                     "floor_fwdbwd_ms": attention_floor(B, T, H, K, V, rates, backward=True) * 1e3})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for op in args.ops:
+            q, k, v, extra, _ = make_inputs(op, B, T, H, K, V, torch.bfloat16)
+            impls = [("linmix", lambda *a, op=op, **e: call(op, "triton", *a, e))]
+            if op in fla:
+                impls.append(("fla " + (fla_version() or "?"), fla[op]))
+            floor = (op_floor(op, B, T, H, K, V, rates, backward=False) * 1e3,
+                     op_floor(op, B, T, H, K, V, rates, backward=True) * 1e3)
+            for name, fn in impls:
+                t0 = time.time()
+                try:
+                    f, fb = time_op(fn, q, k, v, extra, do)
+                except Exception as e:  # noqa: BLE001 -- report and go on with the other rows
+                    print(f"{op} {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                rows.append({"op": op, "impl": name, "T": T, "B": B, "fwd_ms": f, "fwdbwd_ms": fb,
+                             "floor_fwd_ms": floor[0], "floor_fwdbwd_ms": floor[1],
+                             "wall_s": round(time.time() - t0, 1)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del q, k, v, extra
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode(args) -> list[dict]:
+    rates = measure_rates("cuda")
+    fla = fla_decode_ops() if args.fla else {}
+    B, H, K, V = 64, 16, 128, 128
+    rows = []
+    for op in args.ops:
+        q, k, v, extra, h0 = make_inputs(op, B, 1, H, K, V, torch.bfloat16, state=True)
+        impls = [("linmix", lambda q, k, v, op=op, **kw: call(op, "triton", q, k, v, {}, **kw))]
+        if op in fla:
+            impls.append(("fla " + (fla_version() or "?"), fla[op]))
+        for name, fn in impls:
+            with torch.no_grad():
+                us = _bench(lambda fn=fn: fn(q, k, v, **extra, initial_state=h0, output_final_state=True)) * 1e3
+            rows.append({"op": op, "impl": name, "B": B, "step_us": us,
+                         "floor_us": decode_floor(B, H, K, V, rates) * 1e6})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    # SDPA decoding one token against a KV cache of 1K / 8K / 32K tokens.
+    for L in (1024, 8192, 32768):
+        qd = torch.randn(B, H, 1, K, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(B, H, L, K, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(B, H, L, V, device="cuda", dtype=torch.bfloat16)
+        us = _bench(lambda: F.scaled_dot_product_attention(qd, kc, vc)) * 1e3
+        rows.append({"op": f"sdpa_kv{L // 1024}k", "impl": "torch SDPA", "B": B, "step_us": us,
+                     "floor_us": (2 * B * H * L * K * 2) / rates.bytes * 1e6})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
+                                     for k in keys) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["check", "bench", "decode"])
+    p.add_argument("--out", default=".", help="directory for the table (.md) and rows (.json)")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
+                   default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
+    p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = {"check": check, "bench": bench, "decode": decode}[args.what](args)
+    import triton
+
+    head = (f"# {args.what}: {date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, fla {fla_version() if args.fla else '-'}\n\n")
+    text = head + table(rows)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.what}.md").write_text(text + "\n")
+    (out / f"{args.what}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
