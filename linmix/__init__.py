@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from linmix import layers, modules, ops
+from linmix import layers, modules, ops, tasks
 from linmix.debug import is_debug, set_debug
 
 # With transformers installed (the `models` extra), importing linmix registers LinmixConfig and
@@ -11,4 +11,4 @@ if importlib.util.find_spec("transformers") is not None:
     from linmix import models  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["layers", "modules", "ops", "set_debug", "is_debug", "__version__"]
+__all__ = ["layers", "modules", "ops", "tasks", "set_debug", "is_debug", "__version__"]
