@@ -71,12 +71,33 @@ def test_kernels_use_plain_pointers():
     assert not used, f"make_block_ptr / block pointers used at lines {used}"
 
 
+@pytest.fixture
+def chunk_kernels_only(monkeypatch):
+    """Short sequences normally take the fused recurrent kernel: force the chunk kernels."""
+    fused = importlib.import_module("linmix.ops.common.fused_recurrent")
+    monkeypatch.setattr(fused, "FUSED_MAX_TOKENS_TRAINING", 0)
+    monkeypatch.setattr(fused, "FUSED_MAX_TOKENS_INFERENCE", 0)
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("T", [1, 17, 64, 130])
-def test_matches_reference(op, T):
+def test_matches_reference(op, T, chunk_kernels_only):
     """K != V (V not a power of two), T = 1, T < C, T = C, T not a multiple of C; states in and out."""
     fn, x = make_inputs(op, T=T)
     assert_close_fwd_bwd(fn, x, backend="triton", tol=TOL, output_final_state=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T", [1, 3])
+def test_short_sequences_take_the_fused_kernel(op, T, monkeypatch):
+    """The backend's short-sequence route (fused recurrent kernel) against the reference."""
+    fused = importlib.import_module("linmix.ops.common.fused_recurrent")
+    calls = []
+    real = fused._fused_forward
+    monkeypatch.setattr(fused, "_fused_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fn, x = make_inputs(op, T=T)
+    assert_close_fwd_bwd(fn, x, backend="triton", tol=TOL, output_final_state=True)
+    assert calls, "the fused recurrent kernel was not used"
 
 
 @pytest.mark.parametrize("op", OPS)

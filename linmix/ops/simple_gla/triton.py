@@ -55,6 +55,9 @@ form (Triton's float64 dots are not worth a kernel variant). The kernel chunk si
 ``chunk_size`` (None: 64) rounded down to a power of two in [16, 128] (the result does not
 depend on it), and shrunk to the next power of two >= T for short sequences.
 
+Short sequences (decoding: average length <= 64 tokens without gradients, <= 16 with) take the fused
+recurrent kernel of :mod:`linmix.ops.common.fused_recurrent` instead.
+
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
@@ -65,6 +68,7 @@ import torch
 
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.custom_op import TritonOp
+from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
 from linmix.ops.common.utils import run_packed
 from linmix.ops.dispatch import register
 
@@ -515,6 +519,9 @@ def scalar_decay_chunk(q, k, v, g, *, scale, initial_state=None, output_final_st
 
     Inputs are assumed validated by the public op. See the module docstring for the math and limits.
     """
+    if prefer_fused_recurrent(q, cu_seqlens, k, v, g, initial_state, causal=causal):
+        return fused_recurrent(q, k, v, g=g, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens, validate=False)
     if q.dtype == torch.float64:  # no float64 kernels: the PyTorch chunk form is exact there
         return decay_chunk(q, k, v, g, gate=None if g is None else "scalar", scale=scale,
                            initial_state=initial_state, output_final_state=output_final_state,
