@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from linmix.layers.base import (LayerState, TokenMixer, check_positive_int, check_state, num_sequences, register_mixer,
-                                resolve_head_dim)
+                                reject_padding_on_shard, resolve_head_dim, sequence_shard)
 from linmix.modules import RMSNorm, RotaryEmbedding
 from linmix.ops import softmax_attn
 
@@ -172,6 +172,10 @@ class Attention(TokenMixer):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         past_pos = None if state is None else state["pos"].to(device=x.device, dtype=torch.long)
+        shard = sequence_shard()
+        if past_pos is None and shard is not None:  # one shard of a longer sequence: global positions
+            reject_padding_on_shard(attention_mask)
+            past_pos = shard.position_offsets(x.device)
 
         if cu_seqlens is not None:
             o, new_state = self._forward_packed(q, k, v, cu_seqlens, state, past_pos, use_cache)

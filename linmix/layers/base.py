@@ -22,12 +22,20 @@ Helpers the mixers share live here too: argument checks (:func:`check_positive_i
 :func:`check_positive_float`, :func:`resolve_head_dim`), the state check (:func:`check_state`),
 positions that count real tokens (:func:`token_positions`) and the short convolutions' tails
 (:func:`apply_short_conv`, :func:`conv_state_shapes`, :func:`conv_state_bytes`).
+
+Sequence parallelism (:mod:`linmix.parallel`) runs a mixer on one shard of a longer sequence
+without the mixer knowing: while a :class:`SequenceShard` is active (:func:`use_sequence_shard`),
+:func:`token_positions` and the attention layers count positions from the shard's global offsets,
+:func:`apply_short_conv` continues from the previous shard's boundary tokens, and the ops turn
+into their shard-aware forms (through :mod:`linmix.ops.dispatch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
@@ -116,6 +124,42 @@ def mask_steps(attention_mask: torch.Tensor | None, *tensors: torch.Tensor | Non
 def num_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     """N: the leading dimension of state tensors for this input."""
     return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+# -- sequence parallelism: what a mixer asks of the shard it runs on -------------------------------
+
+class SequenceShard(Protocol):
+    """The part of a longer sequence that a mixer's input is (implemented by ``linmix.parallel.ShardLayout``)."""
+
+    def position_offsets(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global position [N] (int64) of each local sequence's first token."""
+
+    def short_conv_cache(self, x: torch.Tensor, cache_len: int) -> torch.Tensor | None:
+        """The ``cache_len`` inputs [N, cache_len, C] before each local sequence (zeros at a sequence start)."""
+
+
+_SEQUENCE_SHARD: ContextVar[SequenceShard | None] = ContextVar("linmix_sequence_shard", default=None)
+
+
+def sequence_shard() -> SequenceShard | None:
+    """The shard the mixers run on under sequence parallelism, or None."""
+    return _SEQUENCE_SHARD.get()
+
+
+@contextlib.contextmanager
+def use_sequence_shard(shard: SequenceShard | None) -> Iterator[None]:
+    """Within the block, mixers run on ``shard`` (None: on whole sequences)."""
+    token = _SEQUENCE_SHARD.set(shard)
+    try:
+        yield
+    finally:
+        _SEQUENCE_SHARD.reset(token)
+
+
+def reject_padding_on_shard(attention_mask: torch.Tensor | None) -> None:
+    """Raise if a padding mask comes with a sharded input (shards hold packed sequences instead)."""
+    if attention_mask is not None:
+        raise ValueError("sequence parallelism takes packed sequences (cu_seqlens), not a padding attention_mask")
 
 
 # -- helpers shared by the mixers ------------------------------------------------------------------
@@ -212,6 +256,11 @@ def token_positions(B: int, T: int, *, offset: torch.Tensor | None, attention_ma
         >>> pos.tolist(), nxt.tolist()
         ([[0, 0, 1], [0, 1, 2]], [2, 3])
     """
+    shard = sequence_shard()
+    if offset is None and shard is not None:  # a shard of a longer sequence: global positions
+        reject_padding_on_shard(attention_mask)
+        offset = shard.position_offsets(device)
+
     def start(n: int) -> torch.Tensor:
         if offset is None:
             return torch.zeros(n, dtype=torch.long, device=device)
@@ -237,10 +286,15 @@ def apply_short_conv(conv: ShortConvolution, key: str, x: torch.Tensor, *, past:
     """Run a mixer's short convolution on x [B, T, C], continuing from its tail ``past[key]``.
 
     Padded steps are zeroed before the convolution (``attention_mask``); with ``use_cache`` the
-    new tail [N, W-1, C] is stored in ``new_state[key]``. Returns the convolved x.
+    new tail [N, W-1, C] is stored in ``new_state[key]``. Under sequence parallelism the
+    convolution continues from the previous shard's last W-1 inputs. Returns the convolved x.
     """
-    y, tail = conv(x, cache=None if past is None else past.get(key), output_cache=use_cache,
-                   cu_seqlens=cu_seqlens, mask=attention_mask)
+    cache = None if past is None else past.get(key)
+    shard = sequence_shard()
+    if shard is not None and cache is None:
+        reject_padding_on_shard(attention_mask)
+        cache = shard.short_conv_cache(x, conv.cache_len)
+    y, tail = conv(x, cache=cache, output_cache=use_cache, cu_seqlens=cu_seqlens, mask=attention_mask)
     if use_cache:
         new_state[key] = tail
     return y

@@ -29,6 +29,8 @@ from linmix.models import hf_compat
 from linmix.models.cache import LayerState, LinmixCache
 from linmix.models.configuration import LinmixConfig
 from linmix.modules import RMSNorm, get_mlp
+from linmix.parallel.context import SequenceParallel, ShardLayout, current_sequence_parallel, resolve_shard
+from linmix.parallel.loss import causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ class LinmixModel(LinmixPreTrainedModel):
                 cache: LinmixCache | None = None, past_key_values: LinmixCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs):
+                return_dict: bool | None = None, sequence_parallel: SequenceParallel | ShardLayout | None = None,
+                **kwargs):
         """Run the decoder.
 
         Args:
@@ -140,6 +143,9 @@ class LinmixModel(LinmixPreTrainedModel):
             output_hidden_states: also return the embeddings and every block's output (the last
                 one after the final norm).
             return_dict: return a ``BaseModelOutputWithPast`` (default) or a tuple.
+            sequence_parallel: run sequence-parallel (:mod:`linmix.parallel`): ``input_ids`` is this
+                rank's shard [B, T_local] of the sequence and ``cu_seqlens`` (if any) the global
+                offsets; default: the innermost ``with sp:`` block, if any. No cache, no padding.
 
         Returns:
             ``BaseModelOutputWithPast`` with ``last_hidden_state`` [B, T, D] and the cache.
@@ -154,6 +160,13 @@ class LinmixModel(LinmixPreTrainedModel):
                              f"got {list(hidden_states.shape[:-1])}")
         B, T = hidden_states.shape[:2]
         num_layers = len(self.layers)
+        shard = _resolve_shard(sequence_parallel, B, T, cu_seqlens)
+        if shard is not None:
+            if use_cache or cache is not None:
+                raise ValueError("LinmixModel: sequence parallelism runs whole sharded sequences without a cache; "
+                                 "pass use_cache=False and no cache")
+            use_cache = False
+            cu_seqlens = shard.cu_seqlens(hidden_states.device)  # the local pieces of the packed sequences
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -167,6 +180,8 @@ class LinmixModel(LinmixPreTrainedModel):
             cache = LinmixCache(num_layers)
         seen = 0 if cache is None else cache.get_seq_length()
         attention_mask = _current_padding_mask(attention_mask, B, T, seen, cu_seqlens)
+        if shard is not None and attention_mask is not None:
+            raise ValueError("LinmixModel: sequence parallelism takes packed sequences (cu_seqlens), not padding")
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"LinmixModel: with cu_seqlens the batch must be one packed row, got B={B}")
@@ -187,7 +202,8 @@ class LinmixModel(LinmixPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             state = None if cache is None else cache[i]
             args = (hidden_states, state, use_cache, cu_seqlens, attention_mask)
-            hidden_states, new_state = checkpoint(block.__call__, *args) if checkpoint else block(*args)
+            run = block.__call__ if shard is None else shard.bind(block.__call__)  # (re-entered on recompute)
+            hidden_states, new_state = checkpoint(run, *args) if checkpoint else run(*args)
             if use_cache:
                 cache.update(i, new_state)
         hidden_states = self.norm(hidden_states)
@@ -209,6 +225,14 @@ class LinmixModel(LinmixPreTrainedModel):
         unknown = sorted(set(kwargs) - set(_IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"LinmixModel.forward got unexpected keyword arguments {unknown}")
+
+
+def _resolve_shard(sequence_parallel: SequenceParallel | ShardLayout | None, B: int, T: int,
+                   cu_seqlens: torch.Tensor | None) -> ShardLayout | None:
+    """The shard layout of a sequence-parallel forward (explicit or from ``with sp:``), else None."""
+    if sequence_parallel is None and current_sequence_parallel() is None:
+        return None
+    return resolve_shard(sequence_parallel, B, T, cu_seqlens)
 
 
 def _current_padding_mask(attention_mask: torch.Tensor | None, B: int, T: int, seen: int,
@@ -269,7 +293,8 @@ class LinmixForCausalLM(LinmixPreTrainedModel, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, cu_seqlens: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs):
+                return_dict: bool | None = None, sequence_parallel: SequenceParallel | ShardLayout | None = None,
+                **kwargs):
         """Logits (and the next-token loss with ``labels``).
 
         Args: as :meth:`LinmixModel.forward`, plus
@@ -281,6 +306,9 @@ class LinmixForCausalLM(LinmixPreTrainedModel, GenerationMixin):
                 accepted as an alias.
             num_items_in_batch (keyword): if given (the transformers Trainer does), the loss is the
                 sum over target tokens divided by it, instead of their mean.
+            sequence_parallel: as in :meth:`LinmixModel.forward`; ``labels`` is then this rank's shard
+                too, and the loss (:func:`linmix.parallel.causal_lm_loss`) has the value of the
+                global loss and this rank's share as its gradient.
 
         Returns:
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` [B, T', V] and the cache.
@@ -288,9 +316,12 @@ class LinmixForCausalLM(LinmixPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if "num_logits_to_keep" in kwargs:
             logits_to_keep = kwargs.pop("num_logits_to_keep")
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        shard = None if inputs is None else _resolve_shard(sequence_parallel, *inputs.shape[:2], cu_seqlens)
         outputs = self.model(input_ids, attention_mask, cache=cache, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+                             output_hidden_states=output_hidden_states, return_dict=True, sequence_parallel=shard,
+                             **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
             if logits_to_keep < 0:
@@ -302,7 +333,12 @@ class LinmixForCausalLM(LinmixPreTrainedModel, GenerationMixin):
             raise ValueError("LinmixForCausalLM: labels need the logits of every position; do not pass "
                              "logits_to_keep with labels")
         logits = self.lm_head(hidden_states[:, keep])
-        loss = None if labels is None else self.loss(logits, labels, cu_seqlens, num_items_in_batch)
+        if labels is None:
+            loss = None
+        elif shard is not None:
+            loss = causal_lm_loss(logits, labels, shard, num_items_in_batch)
+        else:
+            loss = self.loss(logits, labels, cu_seqlens, num_items_in_batch)
         out = hf_compat.causal_lm_output(loss, logits, hf_compat.output_cache(outputs), outputs.hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return out if return_dict else out.to_tuple()

@@ -8,12 +8,17 @@ Each op family registers its implementations under a backend name:
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when the op has a Triton implementation and
 Triton imports, and ``"torch"`` otherwise.
+
+Inside :func:`wrap_ops` (how :mod:`linmix.parallel` runs the layers' op calls on a shard of the
+sequence without the layers knowing), ``resolve`` returns ``wrapper(op, fn)`` instead of ``fn``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -21,6 +26,22 @@ import torch
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+
+OpWrapper = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+_OP_WRAPPER: ContextVar[OpWrapper | None] = ContextVar("linmix_op_wrapper", default=None)
+
+
+@contextlib.contextmanager
+def wrap_ops(wrapper: OpWrapper | None) -> Iterator[None]:
+    """Within the block, :func:`resolve` returns ``wrapper(op, fn)`` for the backend ``fn`` of ``op``.
+
+    ``None`` switches an outer wrapper off. The setting is local to the thread / asyncio task.
+    """
+    token = _OP_WRAPPER.set(wrapper)
+    try:
+        yield
+    finally:
+        _OP_WRAPPER.reset(token)
 
 
 def triton_interpreted() -> bool:
@@ -60,4 +81,5 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable[..., Any]:
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
                          f"interpreter), got tensors on {device}")
-    return fn
+    wrapper = _OP_WRAPPER.get()
+    return fn if wrapper is None else wrapper(op, fn)
