@@ -7,6 +7,7 @@ import torch
 from linmix.ops.common.checks import check_log_gate, check_recurrent_op
 from linmix.ops.dispatch import resolve
 from linmix.ops.gla import chunk, reference  # noqa: F401  (register the backends)
+from linmix.ops.gla import triton as _triton  # noqa: F401  (nothing registered without triton)
 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
