@@ -3,6 +3,8 @@
     python benchmarks/gpu.py check  --out DIR   # bf16 Triton vs float32 reference: rel. L2 error of o, state, grads
     python benchmarks/gpu.py bench  --out DIR [--fla] [--seq-lens 2048 8192 32768] [--ops ...]
     python benchmarks/gpu.py decode --out DIR [--fla]   # one token, B=64, state carried
+    python benchmarks/gpu.py compile --out DIR  # torch.compile'd layers against eager (bf16)
+    python benchmarks/gpu.py crossover --out DIR  # fused recurrent vs chunk kernels at short T
 
 Every sub-command prints a markdown table and writes it (and a JSON of the rows) under --out.
 Standard shapes (DESIGN.md section 5): bf16, B*T = 65,536, H = 16, K = V = 128.
@@ -179,6 +181,64 @@ def decode(args) -> list[dict]:
     return rows
 
 
+def compile_check(args) -> list[dict]:
+    """A layer compiled with torch.compile (inductor) against the same layer in eager mode, bf16."""
+    from linmix.layers import get_mixer_class
+
+    rows = []
+    for name in args.mixers:
+        torch.manual_seed(0)
+        layer = get_mixer_class(name)(hidden_size=1024, num_heads=8).cuda().to(torch.bfloat16)
+        x = torch.randn(4, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def run(fn):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            y = fn(x)
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(dy)
+            return y.detach(), x.grad.detach(), [p.grad.detach() for p in layer.parameters() if p.grad is not None]
+
+        y_e, dx_e, dp_e = run(layer)
+        t0 = time.time()
+        compiled = torch.compile(layer)
+        y_c, dx_c, dp_c = run(compiled)
+        wall = time.time() - t0
+        row = {"mixer": name, "o": rel_l2(y_c, y_e), "dx": rel_l2(dx_c, dx_e),
+               "dparams_max": max(rel_l2(a, b) for a, b in zip(dp_c, dp_e)), "compile_s": round(wall, 1),
+               "eager_ms": _bench(lambda: run(layer)), "compiled_ms": _bench(lambda: run(compiled))}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def crossover(args) -> list[dict]:
+    """Short sequences: the fused recurrent kernel against the chunk kernels, inference and training (B=64)."""
+    import linmix.ops.common.fused_recurrent as fused
+
+    limits = (fused.FUSED_MAX_TOKENS_INFERENCE, fused.FUSED_MAX_TOKENS_TRAINING)
+    rows = []
+    for op in args.ops:
+        for T in (1, 4, 16, 32, 64, 128, 256):
+            q, k, v, extra, h0 = make_inputs(op, 64, T, 16, 128, 128, torch.bfloat16, state=True)
+            do = torch.randn_like(v)
+            row = {"op": op, "T": T}
+            for route, lim in (("fused", (10**9, 10**9)), ("chunk", (0, 0))):
+                fused.FUSED_MAX_TOKENS_INFERENCE, fused.FUSED_MAX_TOKENS_TRAINING = lim
+                with torch.no_grad():
+                    row[f"{route}_inf_us"] = _bench(lambda: call(op, "triton", q, k, v, extra, initial_state=h0)) * 1e3
+                if T <= 64:
+                    row[f"{route}_train_us"] = time_op(lambda q, k, v, **e: call(op, "triton", q, k, v, e),
+                                                       q, k, v, extra, do)[1] * 1e3
+            fused.FUSED_MAX_TOKENS_INFERENCE, fused.FUSED_MAX_TOKENS_TRAINING = limits
+            for t in (q, k, v, *extra.values()):
+                t.requires_grad_(False)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -190,18 +250,21 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["check", "bench", "decode"])
+    p.add_argument("what", choices=["check", "bench", "decode", "compile", "crossover"])
     p.add_argument("--out", default=".", help="directory for the table (.md) and rows (.json)")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                    default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
+    p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
+                   help="layers for the compile check")
     p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
-    rows = {"check": check, "bench": bench, "decode": decode}[args.what](args)
+    rows = {"check": check, "bench": bench, "decode": decode, "compile": compile_check,
+            "crossover": crossover}[args.what](args)
     import triton
 
     head = (f"# {args.what}: {date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -514,10 +514,12 @@ def fused_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: tor
 
 
 # Average tokens per sequence up to which the "triton" backends run the fused recurrence instead of
-# the chunk kernels (measured on the H200: see BENCHMARKS.md). With gradients the backward keeps
-# a float32 state per token, hence the smaller bound.
-FUSED_MAX_TOKENS_INFERENCE = 64
-FUSED_MAX_TOKENS_TRAINING = 16
+# the chunk kernels. Measured on the H200 (B = 64, H = 16, K = V = 128, bf16; `benchmarks/gpu.py
+# crossover`, BENCHMARKS.md): without gradients the fused kernel wins up to T = 16 (simple_gla 91 vs
+# 93 us at 16, 159 vs 75 us at 32; gla 112 vs 136 us at 16); with gradients (fwd+bwd) up to T = 4
+# (simple_gla 615 vs 755 us; at 16: 1300 vs 826 us) -- its backward stores a float32 state per token.
+FUSED_MAX_TOKENS_INFERENCE = 16
+FUSED_MAX_TOKENS_TRAINING = 4
 
 
 def prefer_fused_recurrent(q: torch.Tensor, cu_seqlens: torch.Tensor | None, *tensors: torch.Tensor | None,

@@ -415,6 +415,10 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
     acc_dq = tl.zeros([C, BK], dtype=tl.float32)
     acc_dk = tl.zeros([C, BK], dtype=tl.float32)
     dscores = tl.zeros([C, C], dtype=tl.float32)
+    # dA^T is computed by its own dot from loaded tiles rather than as tl.trans of dA: on Hopper, Triton
+    # 3.4-3.7.0 miscompiles a dot operand that is the transpose of another dot's result (seen here as an
+    # illegal memory access at K = 128; fla's gated backward is refused on these versions for the same bug).
+    dscores_t = tl.zeros([C, C], dtype=tl.float32)
     dh_dot_h = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -428,7 +432,9 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
         acc_dq = tl.dot(d_o, h_t.to(d_o.dtype), acc_dq, input_precision=PREC)
         acc_dk = tl.dot(vt, dh_t.to(vt.dtype), acc_dk, input_precision=PREC)
         dscores = tl.dot(d_o, tl.trans(vt), dscores, input_precision=PREC)
+        dscores_t = tl.dot(vt, tl.trans(d_o), dscores_t, input_precision=PREC)
         dh_dot_h += tl.sum(dh_t.to(tl.float32) * h_t.to(tl.float32), axis=0)
+    dscores_t = tl.where(o_c[:, None] < o_c[None, :], dscores_t, 0.0) * scale
 
     # The i = j terms (decay 1) are kept apart: they cancel exactly in the gate gradient (module docstring).
     ds_self = tl.sum(tl.where(o_c[:, None] == o_c[None, :], dscores, 0.0), axis=1) * scale
@@ -478,8 +484,9 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
         b_r = tl.load(p_b + I * S * Kp + o_k)
         k_factor = tl.exp2(tl.where(o_c[:, None] < I * S, b_r[None, :] - bt, float("-inf")))
         dA_I = tl.where((o_c // S == I)[:, None], dscores, 0.0).to(dt)
+        dA_I_t = tl.where((o_c // S == I)[None, :], dscores_t, 0.0).to(dt)  # = tl.trans(dA_I), see above
         dq_ref = tl.dot(dA_I, (kt * k_factor).to(dt), dq_ref, input_precision=PREC)
-        d_k += k_factor * tl.dot(tl.trans(dA_I), q_ref, input_precision=PREC)
+        d_k += k_factor * tl.dot(dA_I_t, q_ref, input_precision=PREC)
     d_q += q_factor * dq_ref
 
     offs = row0 * K + o_c[:, None] * (H * K) + o_k[None, :]

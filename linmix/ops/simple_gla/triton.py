@@ -55,7 +55,7 @@ form (Triton's float64 dots are not worth a kernel variant). The kernel chunk si
 ``chunk_size`` (None: 64) rounded down to a power of two in [16, 128] (the result does not
 depend on it), and shrunk to the next power of two >= T for short sequences.
 
-Short sequences (decoding: average length <= 64 tokens without gradients, <= 16 with) take the fused
+Short sequences (decoding: average length <= 16 tokens without gradients, <= 4 with) take the fused
 recurrent kernel of :mod:`linmix.ops.common.fused_recurrent` instead.
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
