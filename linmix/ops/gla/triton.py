@@ -73,7 +73,7 @@ sequences; the result does not depend on it.
 The forward and backward are one ``torch.library`` custom op (:class:`linmix.ops.common.custom_op.TritonOp`,
 opaque to ``torch.compile``); the forward keeps A (input dtype, [B*H, NT*C, C]) for the backward
 when gradients are needed, b and h are recomputed there. Short sequences (decoding: average length
-<= 64 tokens without gradients, <= 16 with) take the fused recurrent kernel of
+<= 16 tokens without gradients, <= 4 with) take the fused recurrent kernel of
 :mod:`linmix.ops.common.fused_recurrent` instead.
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
