@@ -6,6 +6,7 @@ import torch
 
 from linmix.ops.common.checks import check_beta, check_log_gate, check_recurrent_op
 from linmix.ops.delta_rule import chunk, reference  # noqa: F401  (register the backends)
+from linmix.ops.delta_rule import triton as _triton  # noqa: F401  (registers nothing without triton)
 from linmix.ops.dispatch import resolve
 
 

@@ -1,0 +1,882 @@
+"""Triton backend of ``delta_rule``: DeltaNet, and Gated DeltaNet with the scalar log-decay g.
+
+Chunked WY / UT-transform form of KERNELS.md section 3, per head, chunks of C = 64 tokens, q
+scaled by ``scale``, beta the step sizes, b the cumulative log-gate inside a chunk (kept in log2
+units, b = log2(e) * cumsum(g), so every decay is one ``exp2``; b = 0 without a gate), h_n the
+state entering chunk n:
+
+    L   = strictly_lower(diag(beta) ((K K^T) o Gamma)),  Gamma_ti = exp(b_t - b_i)
+    A   = (I + L)^{-1}                    (unit lower triangular, float32)         (chunk_solve)
+    U   = A diag(beta) (V - (K * exp(b)) h_n)        (= U~ - W h_n of KERNELS.md)
+    h_{n+1} = exp(b_C) h_n + (K * exp(b_C - b))^T U                             (pass_states_fwd)
+    O   = (Q * exp(b)) h_n + ((Q K^T) o D) U,   D_ij = exp(b_i - b_j), i >= j   (chunk_outputs)
+
+U is formed in the scan as A times the residual of the values against the decayed state, so
+neither W = A diag(beta exp(b)) K nor U~ = A diag(beta) V is materialised (A is a quarter of
+their bytes at K = V = 128), and no two rounded large terms U~ and W h_n cancel.
+
+Backward, with dh_n the gradient of the state *leaving* chunk n (the incoming final-state
+gradient for the last one), P = (Q K^T) o D, X1 = diag(beta exp(b)) K and X2 = diag(beta) V
+(W = A X1, U~ = A X2):
+
+    dU   = P^T dO + (K * exp(b_C - b)) dh_n,   dX2 = A^T dU     (chunk_du_local, pass_states_bwd)
+    dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - X1^T dX2     (pass_states_bwd; d initial_state)
+    dX1 = -dX2 h_n^T,   dL = -strictly_lower(dX2 U^T)           (the solve's gradient needs no W:
+                                                                  dX1 W^T + dX2 U~^T = dX2 U^T)
+    dq   = exp(b) * (dO h_n^T) + ((dO U^T) o D) K                               (chunk_grads)
+    dk   = ((dO U^T) o D)^T Q + exp(b_C - b) * (U dh_n^T) + diag(beta exp(b)) dX1 + (dM + dM^T) K,
+           dM = diag(beta) (dL o Gamma)
+    dv   = diag(beta) dX2
+    dbeta_t = dX1_t . k_t exp(b_t) + dX2_t . v_t + sum_i dL_ti (k_t . k_i) Gamma_ti
+
+The gate gradient is chunk-local: with db_t the gradient of the in-chunk cumulative gate b_t,
+dg_s = sum_{t >= s, t in the chunk} db_t (a reverse cumsum inside the chunk, never across
+chunks, so its rounding error does not grow with T), and db collects every place b appears:
+
+    db_t = q_t . dq_t - k_t . dk^{out,state}_t           (exp(b) on Q, D, exp(b_C - b) on K)
+         + beta_t dbeta^{X1,L}_t - sum_t' (dM o K K^T)_t't   (exp(b) in X1, Gamma in L)
+         + [t = last] R_n,   R_n = <dh_n, h_{n+1}> = exp(b_C) <dh_n, h_n> + <K exp(b_C - b), U dh_n^T>
+
+(dk^{out,state} is dk's output and state paths, dbeta^{X1,L} dbeta's X1 and L terms; R_n comes
+from tiles the gradient kernel has loaded anyway). The shorter identity
+dg_s = sum_{t >= s} (q_t . dq_t - v_t . dv_t) + R_n is exact too, but in bf16 it amplifies the
+small inconsistencies between dq and dv (measured 4x larger errors with strong gates).
+
+Kernels (the math step each computes, and its grid):
+
+* ``_chunk_solve_kernel``       b (stored) and A in 16 x 16 blocks (diagonal blocks by forward
+  substitution, the others by block products); (NT, B*H).
+* ``_pass_states_fwd_kernel``   the scan over chunks: stores h_n and U, and the final state;
+  (NV, B*H), the [K, BV] state in float32 registers (all of K in one tile: U needs K h_n).
+* ``_chunk_outputs_kernel``     O; (NV, NT, B*H).
+* ``_chunk_du_local_kernel``    P^T dO; (NV, NT, B*H).
+* ``_pass_states_bwd_kernel``   the reverse scan: stores dh_n and dX2, and d initial_state; (NV, B*H).
+* ``_chunk_grads_kernel``       dq, dk, dv and each K block's part of dbeta and db; (NK, NT, B*H).
+* ``_gate_beta_grads_kernel``   sums the K blocks' parts; dg by the in-chunk reverse cumsum; (NT, B).
+
+The backward recomputes A, h and U (one more solve and forward scan) rather than keeping them
+alive from the forward. The gate flag ``USE_G`` is a constexpr: DeltaNet (g None) compiles the
+gate loads and exps out.
+
+Precision: the per-chunk kernels run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with
+float32 accumulation; float32 inputs use ``input_precision="ieee"`` (exact, no TF32). L, the
+solve and A are float32 ("ieee" products); A is stored in the input dtype. In the two sequential
+scans the state, the residual, U and dU feed each other, and rounding them to bf16 for the
+tensor cores costs much accuracy (with exact scans the final state's relative error was 1.5e-4
+instead of 8.8e-3, o's 9e-3 instead of 1.2e-2; interpreter, bf16 inputs, T = 192). So for
+16-bit inputs each float32 operand of a scan's dot is split into two 16-bit parts (hi + lo,
+two 16-bit products, about 16 mantissa bits; ``LAUNCH.scan_precision``), while the key, query
+and A tiles enter as loaded; the scans are latency-bound, so the extra products are cheap. h, U,
+dh and dX2 are stored in the input dtype (the rounding every per-chunk consumer applies before
+its ``tl.dot`` anyway). The scans' states, gates, decays, the final state and d initial_state
+are float32; ``o`` has v's dtype. Measured against the float32 reference on the same bf16
+inputs (interpreter, K = V = 64, T = 192 and K = V = 128, T = 256): relative L2 errors 7e-3 to
+1e-2 for o and every gradient, 1e-4 to 1e-3 for the final state (the weaker the decay, the larger).
+
+Shapes: any K, V >= 1 (masked tiles; the per-chunk kernels loop over K and V in blocks of
+``LAUNCH.block_k`` / ``LAUNCH.block_v``; the scans hold a [K_pad, BV] state tile, BV shrinking as
+K grows, so head dims up to 256 and beyond work); any T (the last chunk is masked, no host-side
+padding). The chunk size is 64 whatever ``chunk_size`` says (the result does not depend on it).
+Packed varlen (``cu_seqlens``) runs as a zero-padded [N, T_max] batch
+(:class:`linmix.ops.common.varlen.Packing`). float64 inputs are delegated to the PyTorch chunk
+form. Launch parameters live in ``LAUNCH`` (:class:`LaunchConfig`).
+
+Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
+Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The interpreter's
+bfloat16 ``tl.dot`` is wrong (Triton 3.9: it multiplies the raw bits), so under the interpreter
+bf16 dot operands are widened to float32 first (the ``DOT`` dtype: exact, the same products; the
+roundings to bf16 before each dot are kept, so the interpreter sees the GPU's bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+
+from linmix.ops.common.custom_op import TritonOp
+from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.utils import run_packed
+from linmix.ops.delta_rule.chunk import delta_rule_chunk
+from linmix.ops.dispatch import register, triton_interpreted
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # linmix imports without triton; nothing is registered then
+    HAS_TRITON = False
+    # Only for the kernel definitions below to parse (their annotations name tl.constexpr).
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
+
+__all__ = ["HAS_TRITON", "LAUNCH", "LaunchConfig", "delta_rule_triton"]
+
+CHUNK = 64  # the kernels' chunk length: 4 sub-blocks of 16 in the triangular solve
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    """Launch parameters of every kernel, in one place.
+
+    Attributes:
+        block_k, block_v: K / V tile of the per-chunk kernels (powers of two >= 16; a head dim
+            smaller than the tile uses the next power of two >= 16).
+        grads_block_k: K tile of the gradient kernel (its programs are (K tile, chunk, head);
+            32 halves its accumulators, at the price of recomputing its [C, C] products per tile).
+        scan_block_v: V tile of the two scans (more programs when smaller).
+        scan_state_elems: upper bound on K_pad * BV for the scans' register state; BV shrinks
+            below ``scan_block_v`` for large K (K = 256 -> 32 at the default).
+        scan_precision: the float32 operands (state, residual, U, dU, ...) of the two sequential
+            scans' dots for 16-bit inputs: "split" (each split in two 16-bit parts, two 16-bit
+            products: about 16 mantissa bits, 16-bit tiles in registers), "tf32" / "tf32x3" /
+            "ieee" (float32 dots; the key, query and A tiles widened to float32), or "input"
+            (rounded to the input dtype, fla's choice; see the module docstring for the cost).
+        solve_precision: ``input_precision`` of the float32 16 x 16 products of the triangular
+            solve for 16-bit inputs ("ieee": exact float32; "tf32x3" / "tf32" are faster and less
+            exact); float32 inputs always use "ieee".
+        warps_*: ``num_warps`` of each kernel; ``stages``: ``num_stages`` of all of them (None:
+            Triton's default).
+    """
+
+    block_k: int = 64
+    block_v: int = 64
+    grads_block_k: int = 64
+    scan_block_v: int = 32
+    scan_state_elems: int = 128 * 64
+    warps_solve: int = 4
+    warps_scan: int = 8
+    warps_outputs: int = 4
+    warps_du_local: int = 4
+    warps_grads: int = 8
+    warps_finish: int = 4
+    solve_precision: str = "ieee"
+    scan_precision: str = "split"
+    stages: int | None = None
+
+
+LAUNCH = LaunchConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared in-kernel pieces
+# --------------------------------------------------------------------------------------------
+# Conventions: ``dt`` is the input (storage) dtype; ``DOT`` the dtype of ``tl.dot``'s operands:
+# ``dt`` itself (``.to(DOT)`` a no-op; computed operands are rounded by ``.to(dt).to(DOT)``),
+# except under the interpreter with bf16 inputs, where it is float32 (exact widening), and in
+# the scans when ``LAUNCH.scan_precision`` asks for float32 dots.
+
+@triton.jit
+def _causal_decay(scores, b_t, o_c, n_valid, USE_G: tl.constexpr):
+    """scores o D for one chunk: rows i, cols j; D_ij = exp2(b_i - b_j) for j <= i < n_valid, else 0.
+
+    The mask is applied to the exponent (-inf) before exp2, so exp2 never sees a positive number.
+    """
+    mask = (o_c[:, None] >= o_c[None, :]) & (o_c[:, None] < n_valid)
+    if USE_G:
+        return scores * tl.exp2(tl.where(mask, b_t[:, None] - b_t[None, :], float("-inf")))
+    return tl.where(mask, scores, 0.0)
+
+
+@triton.jit
+def _last(x, o_c, n_valid):
+    """x at the chunk's last valid position (a scalar)."""
+    return tl.sum(tl.where(o_c == n_valid - 1, x, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward, step 1: the triangular solve of each chunk (b, A)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lower_block(m_ij, beta_i, b_i, b_j, valid_i, DIAG: tl.constexpr, USE_G: tl.constexpr):
+    """A 16 x 16 block of L: beta_i (k_i . k_j) exp2(b_i - b_j) on valid rows (strictly lower if DIAG)."""
+    o = tl.arange(0, 16)
+    keep = valid_i[:, None] & (o[None, :] >= 0)
+    if DIAG:
+        keep = keep & (o[:, None] > o[None, :])
+    if USE_G:
+        m_ij = m_ij * tl.exp2(tl.where(keep, b_i[:, None] - b_j[None, :], float("-inf")))
+    return tl.where(keep, m_ij * beta_i[:, None], 0.0)
+
+
+@triton.jit
+def _invert_unit_lower(L, SOLVE_PREC: tl.constexpr):
+    """(I + L)^{-1} of a strictly lower 16 x 16 float32 tile, by forward substitution row by row.
+
+    Row i of the inverse is e_i - sum_{j < i} L_ij inv_j (rows j < i final by then): one masked
+    16 x 16 product per row, which changes row i only.
+    """
+    o = tl.arange(0, 16)
+    inv = (o[:, None] == o[None, :]).to(tl.float32)
+    for i in tl.static_range(1, 16):
+        inv -= tl.dot(tl.where(o[:, None] == i, L, 0.0), inv, input_precision=SOLVE_PREC)
+    return inv
+
+
+@triton.jit
+def _chunk_solve_kernel(k, beta, g, b, A, T, NT,
+                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                        USE_G: tl.constexpr, PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, DOT: tl.constexpr):
+    """For one chunk: b (stored when gated) and A = (I + L)^{-1} ([B*H, NT, C, C], input dtype, lower blocks only).
+
+    Everything is done in four row blocks of 16 (register tiles cannot be sliced): L's ten lower
+    blocks come from the key blocks' products, the diagonal blocks are inverted by forward
+    substitution, and A_ij = -A_ii sum_{j <= m < i} L_im A_mj, all float32. Rows past T have
+    beta = 0 and k = 0: their rows of L are 0 (so those of A are the identity's).
+    """
+    tl.static_assert(C == 64)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = tl.arange(0, 16)
+    t0 = i_t * C
+    tok = (i_b.to(tl.int64) * T + t0) * H + i_h  # [B, T, H] index of the chunk's first token
+    tok0, tok1, tok2, tok3 = tok + o_s * H, tok + (16 + o_s) * H, tok + (32 + o_s) * H, tok + (48 + o_s) * H
+    m0, m1, m2, m3 = (t0 + o_s) < T, (t0 + 16 + o_s) < T, (t0 + 32 + o_s) < T, (t0 + 48 + o_s) < T
+    beta0 = tl.load(beta + tok0, mask=m0, other=0.0).to(tl.float32)
+    beta1 = tl.load(beta + tok1, mask=m1, other=0.0).to(tl.float32)
+    beta2 = tl.load(beta + tok2, mask=m2, other=0.0).to(tl.float32)
+    beta3 = tl.load(beta + tok3, mask=m3, other=0.0).to(tl.float32)
+    if USE_G:
+        # log2 units: every decay below is one exp2
+        g0 = tl.load(g + tok0, mask=m0, other=0.0).to(tl.float32) * 1.4426950408889634
+        g1 = tl.load(g + tok1, mask=m1, other=0.0).to(tl.float32) * 1.4426950408889634
+        g2 = tl.load(g + tok2, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+        g3 = tl.load(g + tok3, mask=m3, other=0.0).to(tl.float32) * 1.4426950408889634
+        b0 = tl.cumsum(g0, axis=0)
+        b1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
+        b2 = tl.cumsum(g2, axis=0) + tl.sum(g1, axis=0) + tl.sum(g0, axis=0)
+        b3 = tl.cumsum(g3, axis=0) + tl.sum(g2, axis=0) + tl.sum(g1, axis=0) + tl.sum(g0, axis=0)
+        tl.store(b + tok0, b0, mask=m0)
+        tl.store(b + tok1, b1, mask=m1)
+        tl.store(b + tok2, b2, mask=m2)
+        tl.store(b + tok3, b3, mask=m3)
+    else:
+        b0 = tl.zeros([16], dtype=tl.float32)
+        b1, b2, b3 = b0, b0, b0
+
+    # M_ij = K_i K_j^T for the ten blocks i >= j, accumulated over K blocks
+    M00 = tl.zeros([16, 16], dtype=tl.float32)
+    M10, M11, M20, M21, M22, M30, M31, M32, M33 = M00, M00, M00, M00, M00, M00, M00, M00, M00
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        k0 = tl.load(k + tok0[:, None] * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0).to(DOT)
+        k1 = tl.load(k + tok1[:, None] * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0).to(DOT)
+        k2 = tl.load(k + tok2[:, None] * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0).to(DOT)
+        k3 = tl.load(k + tok3[:, None] * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0).to(DOT)
+        M00 = tl.dot(k0, tl.trans(k0), M00, input_precision=PREC)
+        M10 = tl.dot(k1, tl.trans(k0), M10, input_precision=PREC)
+        M11 = tl.dot(k1, tl.trans(k1), M11, input_precision=PREC)
+        M20 = tl.dot(k2, tl.trans(k0), M20, input_precision=PREC)
+        M21 = tl.dot(k2, tl.trans(k1), M21, input_precision=PREC)
+        M22 = tl.dot(k2, tl.trans(k2), M22, input_precision=PREC)
+        M30 = tl.dot(k3, tl.trans(k0), M30, input_precision=PREC)
+        M31 = tl.dot(k3, tl.trans(k1), M31, input_precision=PREC)
+        M32 = tl.dot(k3, tl.trans(k2), M32, input_precision=PREC)
+        M33 = tl.dot(k3, tl.trans(k3), M33, input_precision=PREC)
+
+    L10 = _lower_block(M10, beta1, b1, b0, m1, False, USE_G)
+    L20 = _lower_block(M20, beta2, b2, b0, m2, False, USE_G)
+    L21 = _lower_block(M21, beta2, b2, b1, m2, False, USE_G)
+    L30 = _lower_block(M30, beta3, b3, b0, m3, False, USE_G)
+    L31 = _lower_block(M31, beta3, b3, b1, m3, False, USE_G)
+    L32 = _lower_block(M32, beta3, b3, b2, m3, False, USE_G)
+    A00 = _invert_unit_lower(_lower_block(M00, beta0, b0, b0, m0, True, USE_G), SOLVE_PREC)
+    A11 = _invert_unit_lower(_lower_block(M11, beta1, b1, b1, m1, True, USE_G), SOLVE_PREC)
+    A22 = _invert_unit_lower(_lower_block(M22, beta2, b2, b2, m2, True, USE_G), SOLVE_PREC)
+    A33 = _invert_unit_lower(_lower_block(M33, beta3, b3, b3, m3, True, USE_G), SOLVE_PREC)
+    # A_ij = -A_ii sum_{j <= m < i} L_im A_mj
+    A10 = -tl.dot(A11, tl.dot(L10, A00, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A21 = -tl.dot(A22, tl.dot(L21, A11, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A32 = -tl.dot(A33, tl.dot(L32, A22, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A20 = tl.dot(L21, A10, tl.dot(L20, A00, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A20 = -tl.dot(A22, A20, input_precision=SOLVE_PREC)
+    A31 = tl.dot(L32, A21, tl.dot(L31, A11, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A31 = -tl.dot(A33, A31, input_precision=SOLVE_PREC)
+    A30 = tl.dot(L31, A10, tl.dot(L30, A00, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    A30 = -tl.dot(A33, tl.dot(L32, A20, A30, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+
+    dt = A.dtype.element_ty
+    p_a = A + (i_bh.to(tl.int64) * NT + i_t) * C * C + o_s[:, None] * C + o_s[None, :]
+    tl.store(p_a, A00.to(dt))
+    tl.store(p_a + 16 * C, A10.to(dt))
+    tl.store(p_a + 16 * C + 16, A11.to(dt))
+    tl.store(p_a + 32 * C, A20.to(dt))
+    tl.store(p_a + 32 * C + 16, A21.to(dt))
+    tl.store(p_a + 32 * C + 32, A22.to(dt))
+    tl.store(p_a + 48 * C, A30.to(dt))
+    tl.store(p_a + 48 * C + 16, A31.to(dt))
+    tl.store(p_a + 48 * C + 32, A32.to(dt))
+    tl.store(p_a + 48 * C + 48, A33.to(dt))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward, steps 2-3: the state scan and the chunk outputs
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot_split(a, x, acc, dt: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + a @ x for a tile ``a`` already in DOT and a float32 tile ``x`` (the scans' dots).
+
+    SPLIT (16-bit inputs): x = hi + lo with hi and lo in the 16-bit input dtype ``dt``, two
+    16-bit products, so x keeps about twice a 16-bit mantissa (finer than TF32) while ``a`` stays
+    a 16-bit tile. Otherwise x is rounded to DOT (float32 for float32 inputs).
+    """
+    if SPLIT:
+        hi = x.to(dt)
+        lo = (x - hi.to(tl.float32)).to(dt)
+        acc = tl.dot(a, hi.to(DOT), acc, input_precision=PREC)
+        return tl.dot(a, lo.to(DOT), acc, input_precision=PREC)
+    return tl.dot(a, x.to(DOT), acc, input_precision=PREC)
+
+
+@triton.jit
+def _pass_states_fwd_kernel(k, v, beta, b, A, h0, h, u, ht, T, NT,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                            KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                            USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+                            PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """Scan over chunks: store h_n, then U = A diag(beta) (V - (K exp(b)) h_n) (stored) and
+    h_{n+1} = exp(b_C) h_n + (K exp(b_C - b))^T U.
+
+    The decays scale the small [C, BV] tiles (exp(b) * (K h_n), K^T (exp(b_C - b) * U)), so the
+    key tile enters both products as loaded. One program per (V block, batch*head); the
+    [KP, BV] state (all of K: the residual needs K h_n) stays in float32 registers.
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = u.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv_offs = o_k[:, None] * V + o_v[None, :]
+
+    state = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        state += tl.load(h0 + i_bh.to(tl.int64) * K * V + kv_offs, mask=m_kv, other=0.0).to(tl.float32)
+
+    # Per step: a 64-bit scalar base per tensor plus loop-invariant 32-bit tile offsets.
+    row0 = i_b.to(tl.int64) * T * H + i_h  # [B, T, H] index of (batch, token 0, head)
+    hrow0 = i_bh.to(tl.int64) * NT * C  # head-major row of token 0
+    offs_k = o_c[:, None] * (H * K) + o_k[None, :]  # [C, KP] in [B, T, H, K]
+    offs_v = o_c[:, None] * (H * V) + o_v[None, :]  # [C, BV] in [B, T, H, V]
+    offs_a = o_c[:, None] * C + o_c[None, :]  # [C, C] of A
+    offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
+    for i_t in range(NT):
+        tok = row0 + i_t * C * H  # the chunk's first token
+        hrow = hrow0 + i_t * C
+        tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
+        m_c = (i_t * C + o_c) < T
+        beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+        kc = tl.load(k + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
+        # residual of the values against the decayed state, then U = A diag(beta) residual
+        pred = _dot_split(kc, state, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        if USE_G:
+            n_valid = tl.minimum(T - i_t * C, C)
+            b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
+            b_last = _last(b_t, o_c, n_valid)
+            pred *= tl.exp2(b_t)[:, None]
+        vc = tl.load(v + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0)
+        resid = (vc.to(tl.float32) - pred) * beta_t[:, None]
+        a = tl.load(A + hrow * C + offs_a, mask=o_c[:, None] >= o_c[None, :], other=0.0).to(DOT)
+        ut = _dot_split(a, resid, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        tl.store(u + hrow * V + offs_u, ut.to(dt), mask=m_v[None, :])
+        if USE_G:
+            state *= tl.exp2(b_last)
+            ut *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
+        state = _dot_split(tl.trans(kc), ut, state, dt, PREC, DOT, SPLIT)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_bh.to(tl.int64) * K * V + kv_offs, state, mask=m_kv)
+
+
+@triton.jit
+def _chunk_outputs_kernel(q, k, u, b, h, o, scale, T, NT,
+                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                          DOT: tl.constexpr):
+    """O = scale * [exp(b) * (Q h_n) + ((Q K^T) o D) U] for one chunk and one V block (K looped)."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = u.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    n_valid = tl.minimum(T - i_t * C, C)
+    m_c = o_c < n_valid
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h  # [B, T, H] index of the chunk's first token
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C  # its head-major row
+    p_h = h + (i_bh.to(tl.int64) * NT + i_t) * K * V
+
+    acc_o = tl.zeros([C, BV], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                     other=0.0).to(DOT)
+        kt = tl.load(k + row0 * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :],
+                     other=0.0).to(DOT)  # K^T
+        h_t = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(DOT)
+        acc_o = tl.dot(qt, h_t, acc_o, input_precision=PREC)
+        scores = tl.dot(qt, kt, scores, input_precision=PREC)
+    b_t = tl.zeros([C], dtype=tl.float32)
+    if USE_G:
+        b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
+        acc_o *= tl.exp2(b_t)[:, None]
+    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G)
+    ut = tl.load(u + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(DOT)
+    acc_o = tl.dot(scores.to(dt).to(DOT), ut, acc_o, input_precision=PREC)
+    tl.store(o + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (acc_o * scale).to(o.dtype.element_ty),
+             mask=m_c[:, None] & m_v[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dU's local part, the reverse state scan, the chunk gradients, dbeta and dg
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                           DOT: tl.constexpr):
+    """P^T dO = scale * ((Q K^T) o D)^T dO for one chunk and V block (K looped); head-major, float32."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = q.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    n_valid = tl.minimum(T - i_t * C, C)
+    m_c = o_c < n_valid
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C
+
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                     other=0.0).to(DOT)
+        kt = tl.load(k + row0 * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :],
+                     other=0.0).to(DOT)  # K^T
+        scores = tl.dot(qt, kt, scores, input_precision=PREC)
+    b_t = tl.zeros([C], dtype=tl.float32)
+    if USE_G:
+        b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
+    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G) * scale
+    d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                  other=0.0).to(DOT)
+    acc = tl.dot(tl.trans(scores).to(dt).to(DOT), d_o, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
+    tl.store(du_local + (hrow0 + o_c[:, None]) * V + o_v[None, :], acc, mask=m_v[None, :])
+
+
+@triton.jit
+def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                            KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                            USE_FINAL_STATE_GRAD: tl.constexpr, STORE_INITIAL_STATE_GRAD: tl.constexpr,
+                            PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """Reverse scan: store dh_n (gradient of the state leaving chunk n) and dX2 = A^T dU with
+    dU = P^T dO + (K exp(b_C - b)) dh_n, then
+    dh_{n-1} = exp(b_C) dh_n + scale * (Q exp(b))^T dO - W^T dU,  W^T dU = X1^T dX2, X1 = diag(beta exp(b)) K;
+    what is left is d initial_state. As in the forward scan, the decays and beta scale the small
+    [C, BV] tiles, and the key and query tiles enter the products as loaded."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = dx2.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv_offs = o_k[:, None] * V + o_v[None, :]
+
+    dstate = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRAD:
+        dstate += tl.load(dht + i_bh.to(tl.int64) * K * V + kv_offs, mask=m_kv, other=0.0).to(tl.float32)
+
+    # Per step: a 64-bit scalar base per tensor plus loop-invariant 32-bit tile offsets.
+    row0 = i_b.to(tl.int64) * T * H + i_h  # [B, T, H] index of (batch, token 0, head)
+    hrow0 = i_bh.to(tl.int64) * NT * C  # head-major row of token 0
+    offs_k = o_c[:, None] * (H * K) + o_k[None, :]  # [C, KP] in [B, T, H, K]
+    offs_v = o_c[:, None] * (H * V) + o_v[None, :]  # [C, BV] in [B, T, H, V]
+    offs_at = o_c[None, :] * C + o_c[:, None]  # [C, C]: A^T
+    offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        tok = row0 + i_t * C * H  # the chunk's first token
+        hrow = hrow0 + i_t * C
+        tl.store(dh + (hrow0 // C + i_t) * K * V + kv_offs, dstate.to(dt), mask=m_kv)
+        m_c = (i_t * C + o_c) < T
+        beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+        kc = tl.load(k + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
+        # dU = P^T dO + exp(b_C - b) * (K dh_n),  dX2 = A^T dU
+        k_dh = _dot_split(kc, dstate, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        if USE_G:
+            n_valid = tl.minimum(T - i_t * C, C)
+            b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
+            b_last = _last(b_t, o_c, n_valid)
+            k_dh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
+        d_u = tl.load(du_local + hrow * V + offs_u, mask=m_v[None, :], other=0.0) + k_dh
+        a_t = tl.load(A + hrow * C + offs_at, mask=o_c[None, :] >= o_c[:, None], other=0.0).to(DOT)
+        d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        tl.store(dx2 + hrow * V + offs_u, d_x2.to(dt), mask=m_v[None, :])
+        # dh_{n-1} = exp(b_C) dh_n + K^T (-(beta exp(b)) * dX2) + Q^T ((scale exp(b)) * dO)
+        qc = tl.load(q + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
+        d_o = tl.load(do + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        if USE_G:
+            dstate *= tl.exp2(b_last)
+            e_b = tl.exp2(b_t)
+            d_x2 *= -(beta_t * e_b)[:, None]
+            d_o *= (scale * e_b)[:, None]
+        else:
+            d_x2 *= -beta_t[:, None]
+            d_o *= scale
+        dstate = _dot_split(tl.trans(kc), d_x2, dstate, dt, PREC, DOT, SPLIT)
+        dstate = _dot_split(tl.trans(qc), d_o, dstate, dt, PREC, DOT, SPLIT)
+    if STORE_INITIAL_STATE_GRAD:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv_offs, dstate, mask=m_kv)
+
+
+@triton.jit
+def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_part, dg_part, scale, T, NT,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                        DOT: tl.constexpr):
+    """dq, dk for one chunk and K block (V looped), dv (first K block), and the block's parts of dbeta and db.
+
+    See the module docstring for the formulas. dbeta_part and dg_part (db, the gradient of the
+    in-chunk cumulative gate, before the reverse cumsum) are [NK, B, T, H] float32; the chunk's
+    part of R_n is added to db at its last token.
+    """
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = dq.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    n_valid = tl.minimum(T - i_t * C, C)
+    m_c = o_c < n_valid
+    m_ck = m_c[:, None] & m_k[None, :]
+    # the V-side terms (dv, dX2 . v) are counted by the first K block only
+    first = (i_k == 0).to(tl.float32)
+    m_dv = o_c < tl.where(i_k == 0, n_valid, 0)
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C
+    state_base = (i_bh.to(tl.int64) * NT + i_t) * K * V
+
+    beta_t = tl.load(beta + row0 + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+
+    acc_dq = tl.zeros([C, BK], dtype=tl.float32)  # dO h^T
+    acc_dkh = tl.zeros([C, BK], dtype=tl.float32)  # U dh^T
+    acc_dx1 = tl.zeros([C, BK], dtype=tl.float32)  # dX2 h^T  (= -dX1)
+    d_p = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
+    d_lp = tl.zeros([C, C], dtype=tl.float32)  # dX2 U^T  (dL = -strictly_lower of it)
+    xv = tl.zeros([C], dtype=tl.float32)  # dX2 . v
+    hdh = tl.zeros([BK], dtype=tl.float32)  # <h, dh> over this K block, per key
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_cv = m_c[:, None] & m_v[None, :]
+        m_vk = m_v[:, None] & m_k[None, :]
+        d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_cv, other=0.0).to(DOT)
+        vt = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_cv, other=0.0)
+        ut = tl.load(u + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(DOT)
+        dx2c = tl.load(dx2 + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        h_t = tl.load(h + state_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)  # [BV, BK]: h^T
+        dh_t = tl.load(dh + state_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)  # dh^T
+        dx2f = dx2c.to(tl.float32)
+        dx2c = dx2c.to(DOT)
+        acc_dq = tl.dot(d_o, h_t.to(DOT), acc_dq, input_precision=PREC)
+        acc_dkh = tl.dot(ut, dh_t.to(DOT), acc_dkh, input_precision=PREC)
+        acc_dx1 = tl.dot(dx2c, h_t.to(DOT), acc_dx1, input_precision=PREC)
+        d_p = tl.dot(d_o, tl.trans(ut), d_p, input_precision=PREC)
+        d_lp = tl.dot(dx2c, tl.trans(ut), d_lp, input_precision=PREC)
+        xv += tl.sum(dx2f * vt.to(tl.float32), axis=1)
+        hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), axis=0)
+        tl.store(dv + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (dx2f * beta_t[:, None]).to(dt),
+                 mask=m_dv[:, None] & m_v[None, :])
+
+    qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
+    kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
+    b_t = tl.zeros([C], dtype=tl.float32)
+    decay_c = 1.0
+    if USE_G:
+        b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
+        b_last = _last(b_t, o_c, n_valid)
+        decay_c = tl.exp2(b_last)
+        e_b = tl.exp2(b_t)
+        acc_dq *= e_b[:, None]
+        acc_dkh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
+        acc_dx1 *= e_b[:, None]  # now dX2 h^T exp(b): the key path of X1 = diag(beta) K exp(b)
+    # output path: dq = scale [exp(b) dO h^T + ((dO U^T) o D) K],  dk = scale ((dO U^T) o D)^T Q
+    d_p = _causal_decay(d_p, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
+    d_q = scale * tl.dot(d_p, kt.to(DOT), acc_dq, input_precision=PREC)
+    d_k = scale * tl.dot(tl.trans(d_p), qt.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+    # state path: dk += exp(b_C - b) U dh^T
+    d_k += acc_dkh
+    kf = kt.to(tl.float32)
+    # gate, output and state paths: q . dq - k . dk so far; R_n = exp(b_C) <h_n, dh_n> + <K exp(b_C - b), U dh^T>
+    d_b = tl.sum(qt.to(tl.float32) * d_q, axis=1) - tl.sum(kf * d_k, axis=1)
+    r_n = decay_c * tl.sum(hdh, axis=0) + tl.sum(tl.sum(kf * acc_dkh, axis=1), axis=0)
+    # WY path, X1 = diag(beta exp(b)) K, dX1 = -dX2 h^T:  dk += diag(beta exp(b)) dX1,  dbeta += rows of dX1 . K exp(b)
+    d_k -= acc_dx1 * beta_t[:, None]
+    d_beta_k = -tl.sum(acc_dx1 * kf, axis=1)  # this K block's part of dbeta (X1 and L)
+    # L = strictly_lower(diag(beta) ((K K^T) o Gamma)), dL = -strictly_lower(dX2 U^T):
+    # dbeta += rows of (dL o Gamma o K K^T),  dk += (dM + dM^T) K  with dM = diag(beta) (dL o Gamma)
+    lower = (o_c[:, None] > o_c[None, :]) & m_c[:, None]
+    if USE_G:
+        d_lg = -d_lp * tl.exp2(tl.where(lower, b_t[:, None] - b_t[None, :], float("-inf")))
+    else:
+        d_lg = tl.where(lower, -d_lp, 0.0)
+    kd = kt.to(DOT)
+    kk = tl.dot(kd, tl.trans(kd), tl.zeros([C, C], dtype=tl.float32), input_precision=PREC)  # this K block's part
+    d_beta_k += tl.sum(d_lg * kk, axis=1)
+    d_mf = d_lg * beta_t[:, None]
+    d_m = d_mf.to(dt).to(DOT)
+    d_k = tl.dot(d_m, kd, d_k, input_precision=PREC)
+    d_k = tl.dot(tl.trans(d_m), kd, d_k, input_precision=PREC)
+
+    offs = row0 * K + o_c[:, None] * (H * K) + o_k[None, :]
+    tl.store(dq + offs, d_q.to(dt), mask=m_ck)
+    tl.store(dk + offs, d_k.to(dt), mask=m_ck)
+    part = i_k.to(tl.int64) * tl.num_programs(2) * T + row0 + o_c * H  # [NK, B, T, H] (B*H*T = grid * T)
+    tl.store(dbeta_part + part, d_beta_k + first * xv, mask=m_c)
+    if USE_G:
+        # gate, WY path: exp(b) in X1 and Gamma_ti = exp(b_t - b_i) in L give beta (dbeta's X1 and L parts)
+        # minus the column sums of dM o K K^T; R_n enters at the chunk's last token
+        d_b += beta_t * d_beta_k - tl.sum(d_mf * kk, axis=0)
+        d_b += tl.where(o_c == n_valid - 1, r_n, 0.0)
+        tl.store(dg_part + part, d_b, mask=m_c)
+
+
+@triton.jit
+def _gate_beta_grads_kernel(dbeta_part, dg_part, dbeta, dg, T, NK, part_stride,
+                            H: tl.constexpr, C: tl.constexpr, BH: tl.constexpr, USE_G: tl.constexpr):
+    """dbeta = sum of the K blocks' parts; dg = in-chunk reverse cumsum of the summed parts (all heads of one chunk)."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1)
+    o_c = tl.arange(0, C)
+    o_h = tl.arange(0, BH)
+    mask = ((i_t * C + o_c) < T)[:, None] & (o_h < H)[None, :]
+    offs = ((i_b.to(tl.int64) * T + i_t * C) * H) + o_c[:, None] * H + o_h[None, :]
+    acc_b = tl.zeros([C, BH], dtype=tl.float32)
+    acc_g = tl.zeros([C, BH], dtype=tl.float32)
+    for i_k in range(NK):
+        acc_b += tl.load(dbeta_part + i_k * part_stride + offs, mask=mask, other=0.0)
+        if USE_G:
+            acc_g += tl.load(dg_part + i_k * part_stride + offs, mask=mask, other=0.0)
+    tl.store(dbeta + offs, acc_b.to(dbeta.dtype.element_ty), mask=mask)
+    if USE_G:
+        rev = tl.sum(acc_g, axis=0)[None, :] - tl.cumsum(acc_g, axis=0) + acc_g  # sum over t >= s in the chunk
+        tl.store(dg + offs, rev.to(dg.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAS_TRITON else {}
+
+
+def _tile(d: int, cap: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (tl.dot), at most ``cap``."""
+    return min(cap, max(16, triton.next_power_of_2(d)))
+
+
+class _Sizes:
+    """Sizes and launch constants shared by all launches of one call."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor):
+        cfg = LAUNCH
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.C = CHUNK
+        self.NT = triton.cdiv(self.T, self.C)
+        self.BK, self.BV = _tile(self.K, cfg.block_k), _tile(self.V, cfg.block_v)
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.grads_BK = _tile(self.K, cfg.grads_block_k)
+        self.NK = triton.cdiv(self.K, self.grads_BK)  # the gradient kernel's K tiles
+        self.KP = max(16, triton.next_power_of_2(self.K))
+        self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
+        self.scan_NV = triton.cdiv(self.V, self.scan_BV)
+        exact = q.dtype == torch.float32
+        self.prec = "ieee" if exact else "tf32"  # "tf32" is unused for 16-bit inputs
+        self.solve_prec = "ieee" if exact else cfg.solve_precision
+        # the interpreter's bf16 tl.dot is wrong: widen bf16 operands (exactly) to float32 there
+        interpreted_bf16 = q.dtype == torch.bfloat16 and triton_interpreted()
+        self.dot_dtype = tl.float32 if interpreted_bf16 else _TL_DTYPES[q.dtype]
+        # the scans (see LaunchConfig.scan_precision): split float32 operands into two 16-bit parts,
+        # or hand them to TF32 / exact float32 dots, or round them to the input dtype
+        mode = "ieee" if exact else cfg.scan_precision
+        if mode not in ("split", "input", "tf32", "tf32x3", "ieee"):
+            raise ValueError(f"LaunchConfig.scan_precision must be split, input, tf32, tf32x3 or ieee, got {mode!r}")
+        self.scan_split = mode == "split"
+        self.scan_dot_dtype = self.dot_dtype if mode in ("split", "input") else tl.float32
+        self.scan_prec = mode if mode in ("tf32", "tf32x3", "ieee") else "tf32"  # "tf32": unused for 16 bits
+        self.cfg = cfg
+
+    def consts(self, warps: int, drop: tuple = (), scan: bool = False, **blocks) -> dict:
+        prec, dot = (self.scan_prec, self.scan_dot_dtype) if scan else (self.prec, self.dot_dtype)
+        kw = dict(H=self.H, K=self.K, V=self.V, C=self.C, PREC=prec, DOT=dot, num_warps=warps, **blocks)
+        if scan:
+            kw["SPLIT"] = self.scan_split
+        for name in drop:
+            del kw[name]
+        if self.cfg.stages is not None:
+            kw["num_stages"] = self.cfg.stages
+        return kw
+
+
+def _chunk_solve(k, beta, g, s: _Sizes):
+    """(b [B, T, H] float32 or None, A [B*H, NT, C, C] lower blocks): see ``_chunk_solve_kernel``."""
+    b = None if g is None else torch.empty(g.shape, dtype=torch.float32, device=k.device)
+    A = k.new_empty(s.B * s.H, s.NT, s.C, s.C)
+    _chunk_solve_kernel[(s.NT, s.B * s.H)](k, beta, g, b, A, s.T, s.NT, USE_G=g is not None, SOLVE_PREC=s.solve_prec,
+                                           **s.consts(s.cfg.warps_solve, BK=s.BK, drop=("V",)))
+    return b, A
+
+
+def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
+    h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
+    U = k.new_empty(s.B * s.H, s.NT * s.C, s.V)
+    ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
+    _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
+        k, v, beta, b, A, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=store_final, **s.consts(s.cfg.warps_scan, KP=s.KP, BV=s.scan_BV, scan=True))
+    return h, U, ht
+
+
+def _chunk_outputs(q, k, U, b, h, scale, s: _Sizes, out_dtype):
+    o = q.new_empty(s.B, s.T, s.H, s.V, dtype=out_dtype)
+    _chunk_outputs_kernel[(s.NV, s.NT, s.B * s.H)](
+        q, k, U, b, h, o, scale, s.T, s.NT, USE_G=b is not None, **s.consts(s.cfg.warps_outputs, BK=s.BK, BV=s.BV))
+    return o
+
+
+def _chunk_du_local(q, k, b, do, scale, s: _Sizes):
+    du_local = q.new_empty(s.B * s.H, s.NT * s.C, s.V, dtype=torch.float32)
+    _chunk_du_local_kernel[(s.NV, s.NT, s.B * s.H)](
+        q, k, b, do, du_local, scale, s.T, s.NT, USE_G=b is not None,
+        **s.consts(s.cfg.warps_du_local, BK=s.BK, BV=s.BV))
+    return du_local
+
+
+def _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s: _Sizes, store_initial_grad: bool):
+    dh = q.new_empty(s.B * s.H, s.NT, s.K, s.V)
+    dx2 = q.new_empty(s.B * s.H, s.NT * s.C, s.V)
+    dh0 = q.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_initial_grad else None
+    _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
+        q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
+        USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad,
+        **s.consts(s.cfg.warps_scan, KP=s.KP, BV=s.scan_BV, scan=True))
+    return dh, dx2, dh0
+
+
+def _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s: _Sizes):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta_part = q.new_empty(s.NK, s.B, s.T, s.H, dtype=torch.float32)
+    dg_part = torch.empty_like(dbeta_part) if b is not None else None
+    _chunk_grads_kernel[(s.NK, s.NT, s.B * s.H)](
+        q, k, v, beta, b, h, dh, U, dx2, do, dq, dk, dv, dbeta_part, dg_part, scale, s.T, s.NT,
+        USE_G=b is not None, **s.consts(s.cfg.warps_grads, BK=s.grads_BK, BV=s.BV))
+    return dq, dk, dv, dbeta_part, dg_part
+
+
+def _gate_beta_grads(dbeta_part, dg_part, beta_dtype, g_dtype, s: _Sizes):
+    dbeta = dbeta_part.new_empty(s.B, s.T, s.H, dtype=beta_dtype)
+    dg = None if dg_part is None else dbeta_part.new_empty(s.B, s.T, s.H, dtype=g_dtype)
+    _gate_beta_grads_kernel[(s.NT, s.B)](dbeta_part, dg_part, dbeta, dg, s.T, s.NK, s.B * s.T * s.H, H=s.H,
+                                         C=s.C, BH=triton.next_power_of_2(s.H), USE_G=dg_part is not None,
+                                         num_warps=s.cfg.warps_finish)
+    return dbeta, dg
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+def _forward(q, k, v, beta, g, initial_state, scale, output_final_state):
+    """(o, final state or None) of the chunked (gated) delta rule on a dense batch; g None: DeltaNet."""
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    g = None if g is None else g.contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    s = _Sizes(q, v)
+    b, A = _chunk_solve(k, beta, g, s)
+    h, U, ht = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
+    del A
+    return _chunk_outputs(q, k, U, b, h, scale, s, v.dtype), ht
+
+
+def _fake_forward(q, k, v, beta, g, initial_state, scale, output_final_state):
+    B, _, H, K = q.shape
+    ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+    return torch.empty_like(v), ht
+
+
+def _backward(inputs, saved, grads, consts, needs):
+    """Gradients of (q, k, v, beta, g, initial_state) given those of (o, final state)."""
+    q, k, v, beta, g, h0 = (inputs[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
+    do, dht = grads
+    scale = consts["scale"]
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    g = None if g is None else g.contiguous()
+    h0f = None if h0 is None else h0.float().contiguous()
+    s = _Sizes(q, v)
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    # Recompute A, h and U rather than keeping them alive from the forward.
+    b, A = _chunk_solve(k, beta, g, s)
+    h, U, _ = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)
+    du_local = _chunk_du_local(q, k, b, do, scale, s)
+    dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s, store_initial_grad=needs[5])
+    del A, du_local
+    dq, dk, dv, dbeta_part, dg_part = _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s)
+    if not needs[4]:
+        dg_part = None
+    dbeta, dg = _gate_beta_grads(dbeta_part, dg_part, beta.dtype, None if g is None else g.dtype, s)
+    if dh0 is not None:
+        dh0 = dh0.to(h0.dtype)
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+if HAS_TRITON:
+    # Opaque to torch.compile, a plain autograd.Function in eager mode (linmix.ops.common.custom_op).
+    delta_rule_op = TritonOp(
+        "delta_rule_chunk",
+        "Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, float scale, "
+        "bool output_final_state", 2, forward=_forward, backward=_backward, fake_forward=_fake_forward)
+
+
+def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
+    o, ht = delta_rule_op(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, scale=float(scale),
+                          output_final_state=output_final_state)
+    return o, ht
+
+
+def delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                      g: torch.Tensor | None = None, *, scale: float, initial_state: torch.Tensor | None = None,
+                      output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton implementation of :func:`linmix.ops.delta_rule.delta_rule` (backend "triton").
+
+    Inputs are assumed validated by the public op (shapes as there). ``chunk_size`` is accepted
+    for the common signature; the kernels always use chunks of 64. See the module docstring for
+    the math and limits.
+    """
+    if prefer_fused_recurrent(q, cu_seqlens, k, v, beta, g, initial_state):
+        return fused_recurrent(q, k, v, beta=beta, g=g, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens, validate=False)
+    if q.dtype == torch.float64:  # no float64 kernels: the PyTorch chunk form is exact there
+        return delta_rule_chunk(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return run_packed(_dense, cu_seqlens, (q, k, v, beta, g), scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state)
+
+
+if HAS_TRITON:
+    register("delta_rule", "triton")(delta_rule_triton)

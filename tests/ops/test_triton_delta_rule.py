@@ -1,0 +1,173 @@
+"""delta_rule: the Triton backend (in the interpreter on CPU) against the token-loop reference.
+
+Forward output, final state and every gradient (q, k, v, beta, g, initial_state), with and
+without the gate, under an incoming final-state gradient. Keys are L2-normalised as the layers
+do. The interpreter is selected by TRITON_INTERPRET=1, which Triton reads at ``import triton``:
+it is set here before triton or linmix is imported (the root conftest.py sets it too when there
+is no CUDA); if our kernel module was imported earlier without it, the module is reloaded.
+Shapes are small: the interpreter runs every program of every grid in Python.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import ast  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="the Triton backend needs the triton package (not installed)")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRETER_PROBLEM = None if type(tl.cumsum).__name__ == "InterpretedFunction" else (
+    "triton was imported before TRITON_INTERPRET=1 was set, so its library functions (tl.sum, tl.cumsum) are "
+    "not interpreted and these CPU tests cannot run; set os.environ.setdefault('TRITON_INTERPRET', '1') in "
+    "tests/conftest.py before it imports linmix (when CUDA is unavailable)")
+
+from linmix.ops.delta_rule import delta_rule  # noqa: E402
+from linmix.ops.dispatch import available_backends  # noqa: E402
+from tests.ops.utils import TOL, assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
+
+delta_rule_triton = importlib.import_module("linmix.ops.delta_rule.triton")
+if type(delta_rule_triton._chunk_solve_kernel).__name__ != "InterpretedFunction":
+    delta_rule_triton = importlib.reload(delta_rule_triton)  # decorate the kernels again, interpreted
+
+INTERP_TOL = 1e-4  # DESIGN.md section 4: Triton in the interpreter, float32
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_ready():
+    if INTERPRETER_PROBLEM:
+        pytest.fail(INTERPRETER_PROBLEM, pytrace=False)
+
+
+def make_inputs(B=2, T=37, H=1, K=32, V=48, *, gated=True, strength="normal", initial_state=True, num_states=None,
+                beta_max=1.0, dtype=torch.float32):
+    """Fresh random inputs: L2-normalised keys, beta = beta_max * sigmoid(randn), logsigmoid gates."""
+    x = {"q": torch.randn(B, T, H, K), "k": F.normalize(torch.randn(B, T, H, K), dim=-1),
+         "v": torch.randn(B, T, H, V), "beta": beta_max * torch.sigmoid(torch.randn(B, T, H)),
+         "g": log_gate(B, T, H, strength=strength) if gated else None}
+    if initial_state:
+        x["initial_state"] = torch.randn(num_states or B, H, K, V)
+    return {n: (t if t is None or n == "initial_state" else t.to(dtype)) for n, t in x.items()}
+
+
+def check(x, tol=INTERP_TOL, **kwargs):
+    return assert_close_fwd_bwd(delta_rule, x, backend="triton", tol=tol, **kwargs)
+
+
+def test_backend_registered():
+    assert "triton" in available_backends("delta_rule")
+
+
+def test_kernels_use_plain_pointers():
+    """DESIGN.md section 2: no tl.make_block_ptr (removed in current Triton) in the code (docstrings may name it)."""
+    tree = ast.parse(inspect.getsource(delta_rule_triton))
+    used = [node.lineno for node in ast.walk(tree)
+            if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
+            or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+    assert not used, f"make_block_ptr / block pointers used at lines {used}"
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("T", [1, 5, 37, 64])
+def test_matches_reference(gated, T):
+    """K != V (V not a power of two); T = 1, T < 16, T < C, T = C; states in and out (several chunks: below)."""
+    check(make_inputs(T=T, gated=gated), output_final_state=True)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_without_states(gated):
+    """No initial state, no final state; three chunks, the last partial."""
+    check(make_inputs(B=1, T=150, K=16, V=16, gated=gated, initial_state=False))
+
+
+def test_final_state_returned_but_unused():
+    """The final state is an output but takes no part in the loss: its gradient arrives as None."""
+    x = make_inputs(T=40, K=16, V=16)
+    grad_o = torch.randn(2, 40, 1, 16)
+    _, _, ref = fwd_bwd(delta_rule, x, grad_o, None, output_final_state=True, backend="reference")
+    _, _, got = fwd_bwd(delta_rule, x, grad_o, None, output_final_state=True, backend="triton")
+    for name, g in ref.items():
+        assert rel_err(got[name], g) < INTERP_TOL, name
+
+
+def test_large_head_dims():
+    """K = 128 (two K blocks: dbeta and dg summed over blocks) and V = 80 (several V blocks, masked)."""
+    check(make_inputs(B=1, T=20, K=128, V=80), output_final_state=True)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_varlen(gated):
+    """Ragged packed sequences, one of them empty, one crossing a chunk boundary."""
+    lengths = [70, 0, 5]
+    cu = ragged_cu_seqlens(lengths)
+    x = make_inputs(B=1, T=sum(lengths), K=16, V=32, gated=gated, num_states=len(lengths))
+    check(x, cu_seqlens=cu, output_final_state=True)
+
+
+def test_strong_gates():
+    """Log-decays down to -20 per step: masked before exp2, nothing overflows.
+
+    Every output and gradient within tolerance implies every value finite (a NaN or inf fails the comparison).
+    """
+    check(make_inputs(B=1, T=130, K=16, V=32, strength="strong"), output_final_state=True)
+
+
+def test_beta_zero_to_two():
+    """beta in [0, 2] (the allowed range), some steps exactly 0 (no write) and some near 2.
+
+    Also passes a chunk_size, which the kernels accept and ignore (their chunks are 64 long).
+    """
+    x = make_inputs(B=1, T=100, K=16, V=32, beta_max=2.0)
+    x["beta"][:, ::7] = 0.0
+    x["beta"][:, 3::11] = 1.999
+    check(x, output_final_state=True, chunk_size=16)
+
+
+def bf16_errors(x):
+    """Relative errors of the triton backend on bf16 inputs against the float32 reference on the same inputs."""
+    x32 = {n: None if t is None else t.float() for n, t in x.items()}
+    B, T, H, K = x["q"].shape
+    V = x["v"].shape[-1]
+    grad_o, grad_s = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    o, s, grads = fwd_bwd(delta_rule, x, grad_o, grad_s, output_final_state=True, backend="triton")
+    o_ref, s_ref, grads_ref = fwd_bwd(delta_rule, x32, grad_o, grad_s, output_final_state=True, backend="reference")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert all(grads[n].dtype == x[n].dtype for n in grads)
+    errs = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
+    errs.update({"d" + n: rel_err(grads[n], g) for n, g in grads_ref.items()})
+    return errs
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_bfloat16(gated):
+    """bf16 q, k, v, beta, g: bf16 tl.dot operands with float32 accumulation, A / h / U / dh / dX2 stored in bf16.
+
+    Compared with the float32 reference on the same (bf16-rounded) inputs, at DESIGN's bf16
+    tolerance (seen: about 1e-2). In the interpreter the bf16 dot operands are widened to float32
+    first -- its own bf16 dot is broken -- which gives the GPU's bf16 products; the scans' float32
+    dots are exact here (TF32 on the GPU).
+    """
+    errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+
+
+def test_scan_precision_settings(monkeypatch):
+    """The scans' other precision settings (float32 dots instead of split operands) run and agree; bad ones raise."""
+    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(scan_precision="tf32"))
+    errs = bf16_errors(make_inputs(B=1, T=70, K=16, V=16, dtype=torch.bfloat16))
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(scan_precision="fp8"))
+    with pytest.raises(ValueError, match="scan_precision"):
+        delta_rule(**make_inputs(B=1, T=40, dtype=torch.bfloat16), backend="triton")  # T > the fused-kernel bound
+
+
+def test_float64_falls_back_to_chunk_form():
+    x = {n: None if t is None else t.double() for n, t in make_inputs(T=20, K=16, V=16).items()}
+    check(x, tol=1e-10, output_final_state=True)
