@@ -91,6 +91,8 @@ roundings to bf16 before each dot are kept, so the interpreter sees the GPU's bf
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import types
 
 import torch
@@ -100,6 +102,8 @@ from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recu
 from linmix.ops.common.utils import run_packed
 from linmix.ops.delta_rule.chunk import delta_rule_chunk
 from linmix.ops.dispatch import register, triton_interpreted
+
+logger = logging.getLogger(__name__)
 
 try:
     import triton
@@ -858,6 +862,21 @@ def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
     return o, ht
 
 
+# The chunk kernels pass every interpreter test (CI), but on the H200 with Triton 3.6 a launch of the
+# backward ended in an illegal memory access (2026-11-30, benchmarks/gpu.py check); until that is found,
+# CUDA tensors take the fused recurrent kernel for short sequences (verified there) and the PyTorch
+# chunk form otherwise. Set True to run the chunk kernels on a GPU anyway (e.g. to debug them).
+CHUNK_KERNELS_ON_GPU = False
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_chunk_kernels_disabled() -> None:
+    logger.warning("delta_rule: the Triton chunk kernels are disabled on CUDA (an illegal memory access on the "
+                   "H200 with Triton 3.6 is under investigation); running the PyTorch chunk form for sequences "
+                   "longer than the fused-kernel bound. linmix.ops.delta_rule.triton.CHUNK_KERNELS_ON_GPU = True "
+                   "turns them on.")
+
+
 def delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                       g: torch.Tensor | None = None, *, scale: float, initial_state: torch.Tensor | None = None,
                       output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
@@ -871,7 +890,11 @@ def delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: t
     if prefer_fused_recurrent(q, cu_seqlens, k, v, beta, g, initial_state):
         return fused_recurrent(q, k, v, beta=beta, g=g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens, validate=False)
-    if q.dtype == torch.float64:  # no float64 kernels: the PyTorch chunk form is exact there
+    on_gpu = q.is_cuda and not triton_interpreted()
+    if q.dtype == torch.float64 or (on_gpu and not CHUNK_KERNELS_ON_GPU):
+        # float64: no float64 kernels, the PyTorch chunk form is exact there. GPU: see CHUNK_KERNELS_ON_GPU.
+        if on_gpu and q.dtype != torch.float64:
+            _warn_chunk_kernels_disabled()
         return delta_rule_chunk(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return run_packed(_dense, cu_seqlens, (q, k, v, beta, g), scale=scale, initial_state=initial_state,
