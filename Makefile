@@ -26,7 +26,8 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PY) benchmarks/ops.py --quick
+	$(PY) -m pip install -q -e ".[plot]"
+	$(VENV)/bin/linmix recall --preset quick --jobs 2 --out recall-quick
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,16 +1,21 @@
 """Kernel benchmark harness: forward and forward+backward time of every op and backend.
 
-Used by ``benchmarks/ops.py`` (and later the ``linmix bench ops`` command). Times are medians of
+Used by ``benchmarks/ops.py`` and the ``linmix bench ops`` command, which share their command line
+(:func:`add_arguments`, :func:`run_from_args`). Times are medians of
 repeated runs: ``triton.testing.do_bench`` on CUDA, wall clock with warm-up on the CPU. Each row is
 shown next to causal ``scaled_dot_product_attention`` of the same shape.
 """
 
 from __future__ import annotations
 
+import argparse
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +157,60 @@ def format_table(rows: list[dict[str, object]]) -> str:
         lines.append(f"| {r['op']} | {r['backend']} | {r['T']} | {r['B']} | {r['fwd_ms']:.2f} | "
                      f"{r['fwdbwd_ms']:.2f} | {vs_sdpa} | {vs_ref} |")
     return "\n".join(lines)
+
+
+# -- the shared command line (benchmarks/ops.py and `linmix bench ops`) ----------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the op benchmark's options to ``parser`` (returned for chaining)."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="shorter CPU run: T in {512, 2048}")
+    parser.add_argument("--seq-lens", type=int, nargs="+", metavar="T", help="sequence lengths T")
+    parser.add_argument("--ops", nargs="+", metavar="OP", help="ops to time (default: all)")
+    parser.add_argument("--backends", nargs="+", metavar="BACKEND",
+                        help="backends (default: torch reference on CPU, triton torch on CUDA)")
+    parser.add_argument("--reference-max-len", type=int, default=2048, metavar="T",
+                        help="skip the reference loop above this T (default: 2048)")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> str:
+    """Run the benchmark that ``args`` (parsed with :func:`add_arguments`) describe; return the report.
+
+    The report is a title line and the markdown table. ``progress`` receives one line per timed case
+    (default: lines on stderr). Raises ``ValueError`` on a bad option (unknown op, no CUDA).
+    """
+    if progress is None:
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    if not cuda and args.device != "cpu":
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.seq_lens and any(t < 1 for t in args.seq_lens):
+        raise ValueError(f"--seq-lens must be positive, got {args.seq_lens}")
+    cases = default_cases()
+    if args.ops:
+        unknown = set(args.ops) - {c.name for c in cases}
+        if unknown:
+            raise ValueError(f"unknown ops {sorted(unknown)}; choose from {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in args.ops]
+    if args.backends:
+        from linmix.ops.dispatch import BACKENDS
+
+        unknown = set(args.backends) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"unknown backends {sorted(unknown)}; choose from {sorted(BACKENDS)}")
+    if cuda:
+        seq_lens = args.seq_lens or [2048, 8192, 32768]
+        rows = run(cases, args.backends or ["triton", "torch"], seq_lens, tokens=65536, heads=16, head_dim=128,
+                   device=args.device, dtype=torch.bfloat16, reference_max_len=0, progress=progress)
+        where = torch.cuda.get_device_name()
+    else:
+        seq_lens = args.seq_lens or ([512, 2048] if args.quick else [512, 2048, 8192])
+        rows = run(cases, args.backends or ["torch", "reference"], seq_lens, batch=1, heads=4, head_dim=64,
+                   reference_max_len=args.reference_max_len, progress=progress)
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"# linmix op benchmark, {date.today()}, {where}, torch {torch.__version__}\n\n{format_table(rows)}"
