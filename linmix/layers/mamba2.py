@@ -132,7 +132,7 @@ class Mamba2(TokenMixer):
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
         (dt,) = mask_steps(attention_mask, dt)  # padded steps: no decay, no write
         g = dt * -torch.exp(self.A_log.to(dtype))
-        v = (xs.to(dtype) * dt[..., None]).to(x.dtype)
+        v = (xs.to(dtype) * dt[..., None]).to(xs.dtype)  # xs: the projection dtype (bf16 under autocast)
         y, recurrent = simple_gla(Cm, Bm, v, g, scale=1.0,
                                   initial_state=None if state is None else state["recurrent_state"],
                                   output_final_state=use_cache, cu_seqlens=cu_seqlens)

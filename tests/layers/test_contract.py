@@ -132,3 +132,18 @@ def test_bad_input(name):
         mixer(torch.randn(2, 5, D + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="attention_mask"):
         mixer(torch.randn(2, 5, D, dtype=torch.float64), attention_mask=torch.ones(2, 4))
+
+
+def test_bf16_autocast(name):
+    """Under bf16 autocast (the trainer's CUDA setting; here on the CPU) the mixer runs and backpropagates.
+
+    Mixed dtypes meet inside the layers there (float32 inputs, bf16 projections): a layer must hand
+    the ops one dtype (mamba2 once passed float32 values with bf16 B and C).
+    """
+    m = make(name).float()
+    x = torch.randn(2, 12, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = m(x)
+    assert torch.isfinite(y.float()).all()
+    y.float().square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
