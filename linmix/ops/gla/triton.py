@@ -81,6 +81,8 @@ Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
 
 import dataclasses
+import functools
+import logging
 import types
 
 import torch
@@ -89,7 +91,9 @@ from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
 from linmix.ops.common.utils import run_packed
-from linmix.ops.dispatch import register
+from linmix.ops.dispatch import register, triton_interpreted
+
+logger = logging.getLogger(__name__)
 
 try:
     import triton
@@ -663,6 +667,18 @@ def _bidirectional(q, k, v, g, *, scale, initial_state, output_final_state, chun
     return (o_fwd.float() + o_bwd.flip(1).float() - diag).to(v.dtype), None
 
 
+# On the H200 (Triton 3.6) the kernels are verified at K = V = 128, K = 96 / 64 with V = 128 and
+# K = 128 with V = 64; a GPU training run with K = 16, V = 32 per head ended in a CUDA error in the
+# backward (2026-11-30, under investigation). Smaller key head dims run the PyTorch chunk form on CUDA.
+GPU_MIN_HEAD_DIM = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_small_head_dim(K: int) -> None:
+    logger.warning("gla: Triton chunk kernels are not yet verified on the GPU for key head dim K=%d < %d; "
+                   "running the PyTorch chunk form", K, GPU_MIN_HEAD_DIM)
+
+
 def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, scale: float,
                      initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                      cu_seqlens: torch.Tensor | None = None, causal: bool = True,
@@ -676,7 +692,11 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if prefer_fused_recurrent(q, cu_seqlens, k, v, g, initial_state, causal=causal):
         return fused_recurrent(q, k, v, gk=g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens, validate=False)
-    if q.dtype == torch.float64:  # no float64 kernels: the PyTorch chunk form is exact there
+    K = q.shape[-1]
+    unverified = q.is_cuda and not triton_interpreted() and K < GPU_MIN_HEAD_DIM
+    if q.dtype == torch.float64 or unverified:  # float64: the PyTorch chunk form is exact there
+        if unverified:
+            _warn_small_head_dim(K)
         return decay_chunk(q, k, v, g, gate="vector", scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, causal=causal,
                            chunk_size=chunk_size)
