@@ -82,3 +82,18 @@ def test_gla_float32_many_slices_matches_one_slice(monkeypatch):
     o2, s2, g2 = fwd_bwd(fn, x, go, gs, output_final_state=True, backend="torch")
     assert rel_err(o2, o1) < 1e-6 and rel_err(s2, s1) < 1e-6
     assert all(rel_err(g2[n], g1[n]) < 1e-6 for n in g1)
+
+
+def test_scratch_buffers_survive_inference_mode():
+    """A kept CPU scratch buffer first allocated under inference_mode is reused by a later training call."""
+    Workspace.release()
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 40, 2, 16))
+    with torch.inference_mode():
+        linmix.ops.gla(q, k, v, g, backend="torch")
+    qg = q.clone().requires_grad_()
+    o, _ = linmix.ops.gla(qg, k, v, g, backend="torch")
+    o.sum().backward()
+    o_ref, _ = linmix.ops.gla(q, k, v, g, backend="reference")
+    assert torch.allclose(o.detach(), o_ref, atol=1e-5, rtol=1e-5)
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()

@@ -114,7 +114,10 @@ class Workspace:
         bufs = self.kept if keep else self.local
         buf = bufs.get(name)
         if buf is None or buf.numel() < numel:
-            buf = bufs[name] = self.like.new_empty(numel)
+            # Kept buffers outlive the call: never make them inference tensors, which could not be written
+            # by a later call outside torch.inference_mode() (writing normal tensors inside it is allowed).
+            with torch.inference_mode(False):
+                buf = bufs[name] = self.like.new_empty(numel)
         return buf[:numel].view(shape)
 
 
