@@ -52,24 +52,13 @@ float64 inputs are delegated to the family's PyTorch chunk form. Plain pointer a
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 
 from linmix.ops.common.checks import check_beta, check_log_gate, check_recurrent_op, check_shape
 from linmix.ops.common.custom_op import TritonOp
+from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.dispatch import resolve, triton_interpreted
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # linmix imports without triton; calling fused_recurrent then raises
-    HAS_TRITON = False
-    # Only for the kernel definitions below to parse (their annotations name tl.constexpr).
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
 
 __all__ = ["HAS_TRITON", "decode_benchmark", "fused_recurrent"]
 

@@ -11,6 +11,14 @@ from __future__ import annotations
 import torch
 
 
+def max_seqlen(T: int, cu_seqlens: torch.Tensor | None) -> int:
+    """Length of the longest sequence (at least 1): T for a dense batch, else from ``cu_seqlens``."""
+    if cu_seqlens is None:
+        return T
+    offsets = cu_seqlens.tolist()
+    return max(max(b - a for a, b in zip(offsets, offsets[1:])), 1)
+
+
 class Packing:
     """Index bookkeeping for one ``cu_seqlens``; ``pad``/``unpad`` move tensors between layouts."""
 

@@ -93,28 +93,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import types
 
 import torch
 
 from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.utils import run_packed
 from linmix.ops.delta_rule.chunk import delta_rule_chunk
 from linmix.ops.dispatch import register, triton_interpreted
 
 logger = logging.getLogger(__name__)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # linmix imports without triton; nothing is registered then
-    HAS_TRITON = False
-    # Only for the kernel definitions below to parse (their annotations name tl.constexpr).
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
 
 __all__ = ["HAS_TRITON", "LAUNCH", "LaunchConfig", "delta_rule_triton"]
 

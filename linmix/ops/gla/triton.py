@@ -83,28 +83,18 @@ Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 import dataclasses
 import functools
 import logging
-import types
 
 import torch
 
 from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.utils import run_packed
+from linmix.ops.common.varlen import max_seqlen
 from linmix.ops.dispatch import register, triton_interpreted
 
 logger = logging.getLogger(__name__)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # linmix imports without triton; nothing is registered then
-    HAS_TRITON = False
-    # Only for the kernel definitions below to parse (their annotations name tl.constexpr).
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
 
 __all__ = ["HAS_TRITON", "LAUNCH", "KernelLaunch", "LaunchConfig", "gla_chunk_triton"]
 
@@ -700,10 +690,7 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         return decay_chunk(q, k, v, g, gate="vector", scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, causal=causal,
                            chunk_size=chunk_size)
-    T_max = q.shape[1]
-    if cu_seqlens is not None:
-        offsets = cu_seqlens.tolist()
-        T_max = max(max(b - a for a, b in zip(offsets, offsets[1:])), 1)
+    T_max = max_seqlen(q.shape[1], cu_seqlens)
     fn = _causal if causal else _bidirectional
     return run_packed(fn, cu_seqlens, (q, k, v, g), scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, chunk_size=_kernel_chunk_size(chunk_size, T_max))

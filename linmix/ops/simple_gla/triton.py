@@ -62,26 +62,15 @@ Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
 
-import types
-
 import torch
 
-from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.custom_op import TritonOp
+from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.utils import run_packed
+from linmix.ops.common.varlen import max_seqlen
 from linmix.ops.dispatch import register
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # linmix imports without triton; nothing is registered then
-    HAS_TRITON = False
-    # Only for the kernel definitions below to parse (their annotations name tl.constexpr).
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
 
 __all__ = ["HAS_TRITON", "scalar_decay_chunk"]
 
@@ -526,10 +515,7 @@ def scalar_decay_chunk(q, k, v, g, *, scale, initial_state=None, output_final_st
         return decay_chunk(q, k, v, g, gate=None if g is None else "scalar", scale=scale,
                            initial_state=initial_state, output_final_state=output_final_state,
                            cu_seqlens=cu_seqlens, causal=causal, chunk_size=chunk_size)
-    T_max = q.shape[1]
-    if cu_seqlens is not None:
-        offsets = cu_seqlens.tolist()
-        T_max = max(max(b - a for a, b in zip(offsets, offsets[1:])), 1)
+    T_max = max_seqlen(q.shape[1], cu_seqlens)
     fn = _causal if causal else _bidirectional
     return run_packed(fn, cu_seqlens, (q, k, v, g), scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, chunk_size=_kernel_chunk_size(chunk_size, T_max))
