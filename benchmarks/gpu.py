@@ -57,34 +57,69 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(args) -> list[dict]:
-    """bf16 Triton vs the float32 torch chunk form on the same (bf16-rounded) inputs, all gradients."""
+    """bf16 Triton vs the float32 torch chunk form on the same (bf16-rounded) inputs, all gradients.
+
+    With ``--isolate`` every (op, head dim, shape) case runs in its own process with
+    ``CUDA_LAUNCH_BLOCKING=1``, so a kernel that faults is reported (with its failing launch) and
+    the other cases still run.
+    """
+    if args.isolate:
+        return _check_isolated(args)
+    if args.force_kernels:  # run the Triton chunk kernels where linmix's GPU gates would route to PyTorch
+        import linmix.ops.delta_rule.triton as delta_triton
+        import linmix.ops.gla.triton as gla_triton
+
+        gla_triton.GPU_MIN_HEAD_DIM = 0
+        delta_triton.CHUNK_KERNELS_ON_GPU = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = []
-    for op in args.ops:
-        for B, T in args.shapes:
-            torch.manual_seed(0)
-            q, k, v, extra, h0 = make_inputs(op, B, T, 16, 128, 128, torch.bfloat16, state=True)
-            leaves = {"q": q, "k": k, "v": v, **extra, "initial_state": h0}
-            do = torch.randn_like(v)
-            dht = torch.randn_like(h0)
-            results = {}
-            for name, backend, cast in (("triton", "triton", None), ("ref", "torch", torch.float32)):
-                xs = {n: (t.to(cast) if cast is not None and n != "initial_state" else t).detach().requires_grad_()
-                      for n, t in leaves.items()}
-                e = {n: xs[n] for n in extra}
-                o, ht = call(op, backend, xs["q"], xs["k"], xs["v"], e, initial_state=xs["initial_state"],
-                             output_final_state=True)
-                grads = torch.autograd.grad((o, ht), list(xs.values()), (do.to(o.dtype), dht))
-                results[name] = {"o": o, "final_state": ht, **{f"d{n}": g for n, g in zip(xs, grads)}}
-                del o, ht, grads
-            row = {"op": op, "B": B, "T": T}
-            row.update({n: rel_l2(results["triton"][n], results["ref"][n]) for n in results["ref"]})
-            row["max"] = max(v for n, v in row.items() if n not in ("op", "B", "T"))
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            del results
-            torch.cuda.empty_cache()
+    for op, D, (B, T) in ((op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes):
+        torch.manual_seed(0)
+        q, k, v, extra, h0 = make_inputs(op, B, T, 16, D, D, torch.bfloat16, state=True)
+        leaves = {"q": q, "k": k, "v": v, **extra, "initial_state": h0}
+        do = torch.randn_like(v)
+        dht = torch.randn_like(h0)
+        results = {}
+        for name, backend, cast in (("triton", "triton", None), ("ref", "torch", torch.float32)):
+            xs = {n: (t.to(cast) if cast is not None and n != "initial_state" else t).detach().requires_grad_()
+                  for n, t in leaves.items()}
+            e = {n: xs[n] for n in extra}
+            o, ht = call(op, backend, xs["q"], xs["k"], xs["v"], e, initial_state=xs["initial_state"],
+                         output_final_state=True)
+            grads = torch.autograd.grad((o, ht), list(xs.values()), (do.to(o.dtype), dht))
+            results[name] = {"o": o, "final_state": ht, **{f"d{n}": g for n, g in zip(xs, grads)}}
+            del o, ht, grads
+        row = {"op": op, "K=V": D, "B": B, "T": T}
+        row.update({n: rel_l2(results["triton"][n], results["ref"][n]) for n in results["ref"]})
+        row["max"] = max(v for n, v in row.items() if n not in ("op", "K=V", "B", "T"))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del results
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _check_isolated(args) -> list[dict]:
+    import os
+    import subprocess
+    import tempfile
+
+    rows = []
+    env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
+    for op, D, (B, T) in ((op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "check", "--ops", op, "--head-dims", str(D), "--shapes", f"{B}x{T}",
+                   "--out", tmp] + (["--force-kernels"] if args.force_kernels else [])
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+            result = Path(tmp) / "check.json"
+            if proc.returncode == 0 and result.exists():
+                rows.extend(json.loads(result.read_text()))
+            else:
+                tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])
+                rows.append({"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"),
+                             "error": f"rc {proc.returncode}: {tail[-300:]}"})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -256,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                    default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128], help="K = V for check (default: 128)")
+    p.add_argument("--isolate", action="store_true",
+                   help="check: each case in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault ends one case only)")
+    p.add_argument("--force-kernels", action="store_true",
+                   help="check: run the Triton chunk kernels even where linmix gates them off on CUDA")
+    p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per isolated check case")
     p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
                    help="layers for the compile check")
     p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")

@@ -81,6 +81,14 @@ Packed varlen (``cu_seqlens``) runs as a zero-padded [N, T_max] batch
 (:class:`linmix.ops.common.varlen.Packing`). float64 inputs are delegated to the PyTorch chunk
 form. Launch parameters live in ``LAUNCH`` (:class:`LaunchConfig`).
 
+Transposes: a ``tl.dot`` operand is never ``tl.trans`` of another dot's result (or of a tile
+computed from one). Products needed both ways round -- (Q K^T)^T in dU, (dO U^T)^T and
+(dX2 U^T)^T in the gradients -- are each formed by their own dot from loaded tiles and masked
+with the transposed mask (:mod:`linmix.ops.common.triton_tiles`). The transposed-result pattern
+passes the interpreter, but it is the one behind Triton's Hopper miscompilations (3.4 to 3.7.0;
+fla guards its gated delta-rule backward against it), and an earlier version of these kernels
+that used it faulted on the H200. ``tl.trans`` of a loaded tile is fine and used throughout.
+
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The interpreter's
 bfloat16 ``tl.dot`` is wrong (Triton 3.9: it multiplies the raw bits), so under the interpreter
@@ -93,12 +101,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 
 import torch
 
 from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
 from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
+from linmix.ops.common.triton_tiles import causal_decay, causal_decay_t, last_valid
 from linmix.ops.common.utils import run_packed
 from linmix.ops.delta_rule.chunk import delta_rule_chunk
 from linmix.ops.dispatch import register, triton_interpreted
@@ -160,24 +170,6 @@ LAUNCH = LaunchConfig()
 # ``dt`` itself (``.to(DOT)`` a no-op; computed operands are rounded by ``.to(dt).to(DOT)``),
 # except under the interpreter with bf16 inputs, where it is float32 (exact widening), and in
 # the scans when ``LAUNCH.scan_precision`` asks for float32 dots.
-
-@triton.jit
-def _causal_decay(scores, b_t, o_c, n_valid, USE_G: tl.constexpr):
-    """scores o D for one chunk: rows i, cols j; D_ij = exp2(b_i - b_j) for j <= i < n_valid, else 0.
-
-    The mask is applied to the exponent (-inf) before exp2, so exp2 never sees a positive number.
-    """
-    mask = (o_c[:, None] >= o_c[None, :]) & (o_c[:, None] < n_valid)
-    if USE_G:
-        return scores * tl.exp2(tl.where(mask, b_t[:, None] - b_t[None, :], float("-inf")))
-    return tl.where(mask, scores, 0.0)
-
-
-@triton.jit
-def _last(x, o_c, n_valid):
-    """x at the chunk's last valid position (a scalar)."""
-    return tl.sum(tl.where(o_c == n_valid - 1, x, 0.0))
-
 
 # --------------------------------------------------------------------------------------------
 # Forward, step 1: the triangular solve of each chunk (b, A)
@@ -372,7 +364,7 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, h0, h, u, ht, T, NT,
         if USE_G:
             n_valid = tl.minimum(T - i_t * C, C)
             b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
-            b_last = _last(b_t, o_c, n_valid)
+            b_last = last_valid(b_t, o_c, n_valid)
             pred *= tl.exp2(b_t)[:, None]
         vc = tl.load(v + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0)
         resid = (vc.to(tl.float32) - pred) * beta_t[:, None]
@@ -421,7 +413,7 @@ def _chunk_outputs_kernel(q, k, u, b, h, o, scale, T, NT,
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
         acc_o *= tl.exp2(b_t)[:, None]
-    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G)
+    scores = causal_decay(scores, b_t, o_c, n_valid, USE_G)
     ut = tl.load(u + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(DOT)
     acc_o = tl.dot(scores.to(dt).to(DOT), ut, acc_o, input_precision=PREC)
     tl.store(o + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (acc_o * scale).to(o.dtype.element_ty),
@@ -449,22 +441,22 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
     row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
     hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C
 
-    scores = tl.zeros([C, C], dtype=tl.float32)
+    scores_t = tl.zeros([C, C], dtype=tl.float32)  # (Q K^T)^T = K Q^T, by its own dot
     for i_k in range((K + BK - 1) // BK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+        kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
                      other=0.0).to(DOT)
-        kt = tl.load(k + row0 * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :],
-                     other=0.0).to(DOT)  # K^T
-        scores = tl.dot(qt, kt, scores, input_precision=PREC)
+        qt = tl.load(q + row0 * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :],
+                     other=0.0).to(DOT)  # Q^T
+        scores_t = tl.dot(kt, qt, scores_t, input_precision=PREC)
     b_t = tl.zeros([C], dtype=tl.float32)
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
-    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G) * scale
+    scores_t = causal_decay_t(scores_t, b_t, o_c, n_valid, USE_G) * scale
     d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                   other=0.0).to(DOT)
-    acc = tl.dot(tl.trans(scores).to(dt).to(DOT), d_o, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
+    acc = tl.dot(scores_t.to(dt).to(DOT), d_o, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
     tl.store(du_local + (hrow0 + o_c[:, None]) * V + o_v[None, :], acc, mask=m_v[None, :])
 
 
@@ -513,7 +505,7 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, s
         if USE_G:
             n_valid = tl.minimum(T - i_t * C, C)
             b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
-            b_last = _last(b_t, o_c, n_valid)
+            b_last = last_valid(b_t, o_c, n_valid)
             k_dh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
         d_u = tl.load(du_local + hrow * V + offs_u, mask=m_v[None, :], other=0.0) + k_dh
         a_t = tl.load(A + hrow * C + offs_at, mask=o_c[None, :] >= o_c[:, None], other=0.0).to(DOT)
@@ -569,7 +561,9 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
     acc_dkh = tl.zeros([C, BK], dtype=tl.float32)  # U dh^T
     acc_dx1 = tl.zeros([C, BK], dtype=tl.float32)  # dX2 h^T  (= -dX1)
     d_p = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
+    d_p_t = tl.zeros([C, C], dtype=tl.float32)  # U dO^T = (dO U^T)^T, by its own dot
     d_lp = tl.zeros([C, C], dtype=tl.float32)  # dX2 U^T  (dL = -strictly_lower of it)
+    d_lp_t = tl.zeros([C, C], dtype=tl.float32)  # U dX2^T = (dX2 U^T)^T, by its own dot
     xv = tl.zeros([C], dtype=tl.float32)  # dX2 . v
     hdh = tl.zeros([BK], dtype=tl.float32)  # <h, dh> over this K block, per key
     for i_v in range((V + BV - 1) // BV):
@@ -589,7 +583,9 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
         acc_dkh = tl.dot(ut, dh_t.to(DOT), acc_dkh, input_precision=PREC)
         acc_dx1 = tl.dot(dx2c, h_t.to(DOT), acc_dx1, input_precision=PREC)
         d_p = tl.dot(d_o, tl.trans(ut), d_p, input_precision=PREC)
+        d_p_t = tl.dot(ut, tl.trans(d_o), d_p_t, input_precision=PREC)
         d_lp = tl.dot(dx2c, tl.trans(ut), d_lp, input_precision=PREC)
+        d_lp_t = tl.dot(ut, tl.trans(dx2c), d_lp_t, input_precision=PREC)
         xv += tl.sum(dx2f * vt.to(tl.float32), axis=1)
         hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), axis=0)
         tl.store(dv + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (dx2f * beta_t[:, None]).to(dt),
@@ -601,16 +597,17 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
     decay_c = 1.0
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
-        b_last = _last(b_t, o_c, n_valid)
+        b_last = last_valid(b_t, o_c, n_valid)
         decay_c = tl.exp2(b_last)
         e_b = tl.exp2(b_t)
         acc_dq *= e_b[:, None]
         acc_dkh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
         acc_dx1 *= e_b[:, None]  # now dX2 h^T exp(b): the key path of X1 = diag(beta) K exp(b)
     # output path: dq = scale [exp(b) dO h^T + ((dO U^T) o D) K],  dk = scale ((dO U^T) o D)^T Q
-    d_p = _causal_decay(d_p, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
+    d_p = causal_decay(d_p, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
+    d_p_t = causal_decay_t(d_p_t, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
     d_q = scale * tl.dot(d_p, kt.to(DOT), acc_dq, input_precision=PREC)
-    d_k = scale * tl.dot(tl.trans(d_p), qt.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+    d_k = scale * tl.dot(d_p_t, qt.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
     # state path: dk += exp(b_C - b) U dh^T
     d_k += acc_dkh
     kf = kt.to(tl.float32)
@@ -623,17 +620,20 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
     # L = strictly_lower(diag(beta) ((K K^T) o Gamma)), dL = -strictly_lower(dX2 U^T):
     # dbeta += rows of (dL o Gamma o K K^T),  dk += (dM + dM^T) K  with dM = diag(beta) (dL o Gamma)
     lower = (o_c[:, None] > o_c[None, :]) & m_c[:, None]
+    upper = (o_c[None, :] > o_c[:, None]) & m_c[None, :]  # the transposed mask, for dL^T from d_lp_t
     if USE_G:
         d_lg = -d_lp * tl.exp2(tl.where(lower, b_t[:, None] - b_t[None, :], float("-inf")))
+        d_lg_t = -d_lp_t * tl.exp2(tl.where(upper, b_t[None, :] - b_t[:, None], float("-inf")))
     else:
         d_lg = tl.where(lower, -d_lp, 0.0)
+        d_lg_t = tl.where(upper, -d_lp_t, 0.0)
     kd = kt.to(DOT)
     kk = tl.dot(kd, tl.trans(kd), tl.zeros([C, C], dtype=tl.float32), input_precision=PREC)  # this K block's part
     d_beta_k += tl.sum(d_lg * kk, axis=1)
     d_mf = d_lg * beta_t[:, None]
     d_m = d_mf.to(dt).to(DOT)
     d_k = tl.dot(d_m, kd, d_k, input_precision=PREC)
-    d_k = tl.dot(tl.trans(d_m), kd, d_k, input_precision=PREC)
+    d_k = tl.dot((d_lg_t * beta_t[None, :]).to(dt).to(DOT), kd, d_k, input_precision=PREC)  # dM^T K
 
     offs = row0 * K + o_c[:, None] * (H * K) + o_k[None, :]
     tl.store(dq + offs, d_q.to(dt), mask=m_ck)
@@ -851,19 +851,18 @@ def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
     return o, ht
 
 
-# The chunk kernels pass every interpreter test (CI), but on the H200 with Triton 3.6 a launch of the
-# backward ended in an illegal memory access (2026-11-30, benchmarks/gpu.py check); until that is found,
-# CUDA tensors take the fused recurrent kernel for short sequences (verified there) and the PyTorch
-# chunk form otherwise. Set True to run the chunk kernels on a GPU anyway (e.g. to debug them).
-CHUNK_KERNELS_ON_GPU = False
+# On CUDA the chunk kernels can be switched off (LINMIX_DELTA_CHUNK_KERNELS=0 in the environment, or this
+# flag): CUDA tensors then take the fused recurrent kernel for short sequences and the PyTorch chunk form
+# otherwise. History: a first version ended in an illegal memory access on the H200 with Triton 3.6; it
+# used tl.trans of dot results as dot operands (see "Transposes" in the module docstring).
+CHUNK_KERNELS_ON_GPU = os.environ.get("LINMIX_DELTA_CHUNK_KERNELS", "1") != "0"
 
 
 @functools.lru_cache(maxsize=1)
 def _warn_chunk_kernels_disabled() -> None:
-    logger.warning("delta_rule: the Triton chunk kernels are disabled on CUDA (an illegal memory access on the "
-                   "H200 with Triton 3.6 is under investigation); running the PyTorch chunk form for sequences "
-                   "longer than the fused-kernel bound. linmix.ops.delta_rule.triton.CHUNK_KERNELS_ON_GPU = True "
-                   "turns them on.")
+    logger.warning("delta_rule: the Triton chunk kernels are switched off on CUDA (LINMIX_DELTA_CHUNK_KERNELS=0 or "
+                   "linmix.ops.delta_rule.triton.CHUNK_KERNELS_ON_GPU = False); running the PyTorch chunk form "
+                   "for sequences longer than the fused-kernel bound.")
 
 
 def delta_rule_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

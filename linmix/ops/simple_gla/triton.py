@@ -68,28 +68,12 @@ from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
 from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
+from linmix.ops.common.triton_tiles import causal_decay, causal_decay_t, last_valid
 from linmix.ops.common.utils import run_packed
 from linmix.ops.common.varlen import max_seqlen
 from linmix.ops.dispatch import register
 
 __all__ = ["HAS_TRITON", "scalar_decay_chunk"]
-
-# --------------------------------------------------------------------------------------------
-# Shared in-kernel pieces
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _causal_decay(scores, b_t, o_c, n_valid, USE_G: tl.constexpr):
-    """scores o D for one chunk: rows i, cols j; D_ij = exp2(b_i - b_j) for j <= i < n_valid, else 0.
-
-    The mask is applied to the exponent (-inf) before exp2, so exp2 never sees a positive number
-    (rows past the end of the sequence carry b = 0 and would otherwise overflow).
-    """
-    mask = (o_c[:, None] >= o_c[None, :]) & (o_c[:, None] < n_valid)
-    if USE_G:
-        return scores * tl.exp2(tl.where(mask, b_t[:, None] - b_t[None, :], float("-inf")))
-    return tl.where(mask, scores, 0.0)
-
 
 # --------------------------------------------------------------------------------------------
 # Gates: in-chunk cumulative sums (computed once, used by every kernel)
@@ -148,7 +132,7 @@ def _pass_states_fwd_kernel(k, v, b, h0, h, ht, T, NT,
             n_valid = tl.minimum(T - i_t * C, C)
             p_b = b + row0 + (i_t * C + o_c) * H
             b_t = tl.load(p_b, mask=m_c, other=0.0)
-            b_last = tl.sum(tl.where(o_c == n_valid - 1, b_t, 0.0))  # b at the chunk's last token
+            b_last = last_valid(b_t, o_c, n_valid)  # b at the chunk's last token
             state *= tl.exp2(b_last)
             kt = (kt.to(tl.float32) * tl.exp2(b_last - b_t)[None, :]).to(vt.dtype)
         state = tl.dot(kt, vt, state, input_precision=PREC)
@@ -188,7 +172,7 @@ def _chunk_outputs_kernel(q, k, v, b, h, o, scale, T, NT,
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
         acc_o *= tl.exp2(b_t)[:, None]
-    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G)
+    scores = causal_decay(scores, b_t, o_c, n_valid, USE_G)
     vt = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
     acc_o = tl.dot(scores.to(vt.dtype), vt, acc_o, input_precision=PREC)
     tl.store(o + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (acc_o * scale).to(o.dtype.element_ty),
@@ -235,7 +219,7 @@ def _pass_states_bwd_kernel(q, b, do, dht, dh, dh0, scale, T, NT,
             n_valid = tl.minimum(T - i_t * C, C)
             p_b = b + (i_b.to(tl.int64) * T + i_t * C + o_c) * H + i_h
             b_t = tl.load(p_b, mask=m_c, other=0.0)
-            b_last = tl.sum(tl.where(o_c == n_valid - 1, b_t, 0.0))  # b at the chunk's last token
+            b_last = last_valid(b_t, o_c, n_valid)  # b at the chunk's last token
             dstate *= tl.exp2(b_last)
             qt = (qt.to(tl.float32) * tl.exp2(b_t)[None, :]).to(d_o.dtype)
         dstate += scale * tl.dot(qt, d_o, input_precision=PREC)
@@ -263,7 +247,7 @@ def _chunk_dv_kernel(q, k, b, do, dh, dv, scale, T, NT,
     p_dh = dh + (i_bh.to(tl.int64) * NT + i_t) * K * V
 
     acc_dv = tl.zeros([C, BV], dtype=tl.float32)
-    scores = tl.zeros([C, C], dtype=tl.float32)
+    scores_t = tl.zeros([C, C], dtype=tl.float32)  # (Q K^T)^T = K Q^T, by its own dot (triton_tiles: transposes)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -271,15 +255,15 @@ def _chunk_dv_kernel(q, k, b, do, dh, dv, scale, T, NT,
         kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
         dht = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         acc_dv = tl.dot(kt, dht.to(kt.dtype), acc_dv, input_precision=PREC)
-        scores = tl.dot(qt, tl.trans(kt), scores, input_precision=PREC)
+        scores_t = tl.dot(kt, tl.trans(qt), scores_t, input_precision=PREC)
     b_t = tl.zeros([C], dtype=tl.float32)
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
-        b_last = tl.sum(tl.where(o_c == n_valid - 1, b_t, 0.0))
+        b_last = last_valid(b_t, o_c, n_valid)
         acc_dv *= tl.exp2(b_last - b_t)[:, None]
-    scores = _causal_decay(scores, b_t, o_c, n_valid, USE_G) * scale
+    scores_t = causal_decay_t(scores_t, b_t, o_c, n_valid, USE_G) * scale
     d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_cv, other=0.0)
-    acc_dv = tl.dot(tl.trans(scores).to(d_o.dtype), d_o, acc_dv, input_precision=PREC)
+    acc_dv = tl.dot(scores_t.to(d_o.dtype), d_o, acc_dv, input_precision=PREC)
     tl.store(dv + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], acc_dv.to(dv.dtype.element_ty), mask=m_cv)
 
 
@@ -324,10 +308,10 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg_part, scale, T, NT,
     b_t = tl.zeros([C], dtype=tl.float32)
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
-        b_last = tl.sum(tl.where(o_c == n_valid - 1, b_t, 0.0))
+        b_last = last_valid(b_t, o_c, n_valid)
         acc_dq *= tl.exp2(b_t)[:, None]
         acc_dk *= tl.exp2(b_last - b_t)[:, None]
-    dscores = _causal_decay(dscores, b_t, o_c, n_valid, USE_G) * scale
+    dscores = causal_decay(dscores, b_t, o_c, n_valid, USE_G) * scale
     qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
     kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
     if USE_G:
