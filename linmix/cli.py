@@ -102,6 +102,7 @@ examples:
   linmix recall --preset quick --mixers attention,gla,deltanet --out /tmp/recall
   linmix recall --preset based --device cuda --jobs 8 --d-models 128 --lrs 1e-3,3e-3,1e-2 --epochs 3
   linmix recall --preset micro --mixers based --mixer-kwargs '{"based": {"feature_dim": 8}}'
+  linmix recall --preset based --device cuda --jobs 12 --resume   # continue an interrupted run
 """
 
 
@@ -127,6 +128,9 @@ def _add_recall(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, metavar="N", help="override the preset's epochs")
     p.add_argument("--mixer-kwargs", type=_json_object, metavar="JSON",
                    help='extra mixer arguments, e.g. \'{"gla": {"expand_k": 1.0}}\'')
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs an earlier call with the same --out and settings finished (each run's "
+                        "record is saved in DIR/runs/ as it ends); train only the others")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads per training process (default: 1 on the CPU: the probe models are "
                         "tiny, intra-op threads cost more than they give; use --jobs to fill the cores)")
@@ -171,7 +175,8 @@ def _run_recall(args: argparse.Namespace) -> int:
 
     try:
         results = run_recall(preset, mixers=mixers, device=args.device, jobs=args.jobs, seed=args.seed, out_dir=out,
-                             progress=args.jobs == 1 and sys.stderr.isatty(), on_result=on_result)
+                             progress=args.jobs == 1 and sys.stderr.isatty(), on_result=on_result,
+                             resume=args.resume)
     finally:
         bar.close()
     meta = results.meta

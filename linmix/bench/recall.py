@@ -550,7 +550,7 @@ def check_run(preset: RecallPreset, mixers: Sequence[str] | None, device: str, j
 
 def run_recall(preset: RecallPreset | str, *, mixers: Sequence[str] | None = None, device: str = "cpu",
                jobs: int = 1, seed: int = 0, out_dir: str | os.PathLike | None = None, progress: bool = False,
-               on_result: Callable[[dict[str, Any]], None] | None = None) -> RecallResults:
+               on_result: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> RecallResults:
     """Train and score every (mixer, d_model, task, lr) of a preset; optionally save the results.
 
     Args:
@@ -563,9 +563,16 @@ def run_recall(preset: RecallPreset | str, *, mixers: Sequence[str] | None = Non
         out_dir: write ``results.json``, ``recall.png`` and per-run JSONL logs (``logs/``) there.
         progress: show each run's training progress bar (in-process runs only).
         on_result: called with each run's record as it finishes (e.g. to advance a progress bar).
+        resume: reuse the run records an earlier call with the same ``out_dir`` left in
+            ``runs/`` (each run's record is written there as it finishes, so an interrupted
+            benchmark continues where it stopped); records of other settings are ignored.
 
     Returns:
         The :class:`RecallResults`; ``results.table()`` is the markdown table.
+
+    Raises:
+        RuntimeError: after every other run has finished (and the results are saved), when a
+            run failed; the message holds each failed run's traceback.
 
     Example:
         >>> results = run_recall("micro")
@@ -581,28 +588,73 @@ def run_recall(preset: RecallPreset | str, *, mixers: Sequence[str] | None = Non
 
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    failures: list[str] = []
+    run_dir = None if out_dir is None else Path(out_dir) / "runs"
+    fingerprint = _fingerprint(preset, seed)
+    if resume and run_dir is not None:
+        done = _load_runs(run_dir, fingerprint, {job.run_id for job in all_jobs})
+        runs.extend(done.values())
+        all_jobs_left = [job for job in all_jobs if job.run_id not in done]
+        logger.info("recall: resuming, %d of %d runs already done", len(done), len(all_jobs))
+    else:
+        all_jobs_left = all_jobs
 
     def collect(record: dict[str, Any]) -> None:
         runs.append(record)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / f"{record['run_id']}.json.tmp"
+            tmp.write_text(json.dumps({**record, "fingerprint": fingerprint}) + "\n")
+            tmp.replace(run_dir / f"{record['run_id']}.json")
         if on_result is not None:
             on_result(record)
 
     if jobs == 1:
         runner = RecallRunner(preset, device=device, seed=seed, log_dir=log_dir, progress=progress)
-        for job in all_jobs:
-            collect(runner.run(job))
-    else:
-        _run_in_processes(preset, all_jobs, device, seed, log_dir, jobs, collect)
+        for job in all_jobs_left:
+            try:
+                record = runner.run(job)
+            except Exception:  # noqa: BLE001 - the other runs go on; raised below
+                failures.append(f"{job.run_id}: {traceback.format_exc()}")
+                continue
+            collect(record)
+    elif all_jobs_left:
+        _run_in_processes(preset, all_jobs_left, device, seed, log_dir, jobs, collect, failures.append)
 
     order = {job.run_id: i for i, job in enumerate(all_jobs)}
     runs.sort(key=lambda r: order[r["run_id"]])
     results = RecallResults(preset, mixers, runs, meta={
         "device": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
         "jobs": jobs, "seed": seed, "threads_per_job": _threads_per_job(device, jobs), "torch": torch.__version__,
-        "wall_time_s": round(time.perf_counter() - start, 1)})
-    if out_dir is not None:
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "train_seconds_total": round(sum(r["train_seconds"] for r in runs), 1)})
+    if out_dir is not None and runs:
         results.save(out_dir)
+    if failures:
+        raise RuntimeError(f"recall: {len(failures)} of {len(all_jobs)} training runs failed (the others are in "
+                           f"{out_dir or 'the results'}):\n" + "\n".join(failures))
     return results
+
+
+def _fingerprint(preset: RecallPreset, seed: int) -> str:
+    """What a run record depends on besides its job: the preset's settings and the seed."""
+    import hashlib
+
+    blob = json.dumps({"settings": preset.to_dict(), "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_runs(run_dir: Path, fingerprint: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The run records in ``run_dir`` of these settings (fingerprint) and wanted jobs, by run id."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.pop("fingerprint", None) == fingerprint and record.get("run_id") in wanted:
+            done[record["run_id"]] = record
+    return done
 
 
 def _threads_per_job(device: str, jobs: int) -> int:
@@ -613,7 +665,8 @@ def _threads_per_job(device: str, jobs: int) -> int:
 
 
 def _run_in_processes(preset: RecallPreset, all_jobs: list[RecallJob], device: str, seed: int,
-                      log_dir: Path | None, jobs: int, collect: Callable[[dict[str, Any]], None]) -> None:
+                      log_dir: Path | None, jobs: int, collect: Callable[[dict[str, Any]], None],
+                      fail: Callable[[str], None]) -> None:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a fresh CUDA context per worker
@@ -639,8 +692,9 @@ def _run_in_processes(preset: RecallPreset, all_jobs: list[RecallJob], device: s
                     if not any(w.is_alive() for w in workers):
                         raise RuntimeError("recall: every worker process exited before finishing its jobs") from None
             if status == "error":
-                raise RuntimeError(f"recall: a training run failed: {payload}")
-            collect(payload)
+                fail(payload)
+            else:
+                collect(payload)
     finally:
         for w in workers:
             if w.is_alive():

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from linmix.bench.recall import (PRESETS, MQARSlice, RecallJob, RecallPreset, RecallResults, RecallTask,
-                                 get_preset, probe_config, recall_accuracy, run_recall, state_bytes)
+from linmix.bench.recall import (PRESETS, MQARSlice, RecallJob, RecallPreset, RecallResults, RecallRunner,
+                                 RecallTask, get_preset, probe_config, recall_accuracy, run_recall, state_bytes)
 from linmix.models import LinmixForCausalLM
 from linmix.tasks import mqar
 
@@ -106,3 +106,42 @@ def test_presets_and_bad_arguments():
     with pytest.raises(ValueError, match="lrs"):
         get_preset("micro").replace(lrs=())
     assert isinstance(get_preset("quick"), RecallPreset)
+
+
+def test_resume_keeps_finished_runs_and_failures_do_not_stop_the_others(tmp_path, monkeypatch):
+    preset = get_preset("micro").replace(lrs=(1e-3, 1e-2))
+    first = run_recall(preset, mixers=["gla"], out_dir=tmp_path, seed=1)
+    records = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert records == sorted(f"{RecallJob('gla', 16, 0, lr).run_id}.json" for lr in (1e-3, 1e-2))
+    # one run's record is lost (an interrupted benchmark): resume trains only that one
+    lost = RecallJob("gla", 16, 0, 1e-2).run_id
+    (tmp_path / "runs" / f"{lost}.json").unlink()
+    trained = []
+    original = RecallRunner.run
+
+    def counting_run(self, job):
+        trained.append(job.run_id)
+        return original(self, job)
+
+    monkeypatch.setattr(RecallRunner, "run", counting_run)
+    again = run_recall(preset, mixers=["gla"], out_dir=tmp_path, seed=1, resume=True)
+    assert trained == [lost]
+    assert again.runs[0] == first.runs[0]  # the kept record, unchanged
+    assert [r["run_id"] for r in again.runs] == [r["run_id"] for r in first.runs]
+    # another seed is other settings: nothing is reused
+    trained.clear()
+    run_recall(preset, mixers=["gla"], out_dir=tmp_path, seed=2, resume=True)
+    assert len(trained) == 2
+
+    # a failing run is reported after the others finished, and the others are saved
+    def failing_run(self, job):
+        if job.lr == 1e-3:
+            raise FloatingPointError("boom")
+        return original(self, job)
+
+    monkeypatch.setattr(RecallRunner, "run", failing_run)
+    out = tmp_path / "failing"
+    with pytest.raises(RuntimeError, match="(?s)1 of 2 training runs failed.*boom"):
+        run_recall(preset, mixers=["gla"], out_dir=out, seed=1)
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["lr"] for r in saved["runs"]] == [1e-2]
