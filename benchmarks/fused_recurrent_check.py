@@ -1,6 +1,6 @@
 """GPU: fused_recurrent at bf16 against the reference (fwd + every gradient), then the decode microbenchmark and its block sweep.
 
-    python benchmarks/fused_recurrent_check.py
+    python benchmarks/fused_recurrent_check.py [--no-bench]   # --no-bench: the accuracy part only
 """
 # Real-shape check of fused_recurrent against the reference (bf16 inputs, fwd + every gradient), then the decode benchmark.
 import os, sys, torch, torch.nn.functional as F
@@ -44,7 +44,7 @@ for T, cu_ in ((1, None), (7, None), (sum(lengths), cu)):
         worst = max(worst, max(errs.values()))
         print(f"T={T} varlen={cu_ is not None} {name}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
 print("worst relative error", worst, "(bf16 budget 1e-2)")
-if dev == "cuda":
+if dev == "cuda" and "--no-bench" not in sys.argv:
     print("decode us", {n: round(t, 1) for n, t in decode_benchmark().items()})
     print("decode us through the API", {n: round(t, 1) for n, t in decode_benchmark(through_api=True).items()})
     print("decode us in place", {n: round(t, 1) for n, t in decode_benchmark(in_place=True).items()})

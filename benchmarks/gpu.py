@@ -104,23 +104,34 @@ def _check_isolated(args) -> list[dict]:
     import os
     import subprocess
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
-    rows = []
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
-    for op, D, (B, T) in ((op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes):
+
+    def one(case) -> list[dict]:
+        op, D, (B, T) = case
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "check", "--ops", op, "--head-dims", str(D), "--shapes", f"{B}x{T}",
                    "--out", tmp] + (["--force-kernels"] if args.force_kernels else [])
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+            except subprocess.TimeoutExpired:
+                return [{"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"), "error": "timeout"}]
             result = Path(tmp) / "check.json"
             if proc.returncode == 0 and result.exists():
-                rows.extend(json.loads(result.read_text()))
-            else:
-                tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])
-                rows.append({"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"),
-                             "error": f"rc {proc.returncode}: {tail[-300:]}"})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return rows
+                rows = json.loads(result.read_text())
+            else:  # the launch that faulted is in the traceback (CUDA_LAUNCH_BLOCKING)
+                frames = [line.strip() for line in proc.stderr.splitlines() if "File " in line and "linmix" in line]
+                last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+                rows = [{"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"),
+                         "error": f"rc {proc.returncode}: " + " <- ".join(frames[-3:] + last)[-600:]}]
+        for row in rows:
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        return rows
+
+    cases = [(op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes]
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        return [row for rows in pool.map(one, cases) for row in rows]
 
 
 def _bench(fn) -> float:
@@ -296,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="check: each case in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault ends one case only)")
     p.add_argument("--force-kernels", action="store_true",
                    help="check: run the Triton chunk kernels even where linmix gates them off on CUDA")
+    p.add_argument("--workers", type=int, default=4, help="isolated check cases run at once (default: 4)")
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per isolated check case")
     p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
                    help="layers for the compile check")
