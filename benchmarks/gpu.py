@@ -66,9 +66,11 @@ def check(args) -> list[dict]:
     if args.isolate:
         return _check_isolated(args)
     if args.force_kernels:  # run the Triton chunk kernels where linmix's GPU gates would route to PyTorch
-        import linmix.ops.delta_rule.triton as delta_triton
-        import linmix.ops.gla.triton as gla_triton
+        import importlib
 
+        # (``import linmix.ops.gla.triton as m`` would fail: linmix.ops.gla is also the op's name there)
+        delta_triton = importlib.import_module("linmix.ops.delta_rule.triton")
+        gla_triton = importlib.import_module("linmix.ops.gla.triton")
         gla_triton.GPU_MIN_HEAD_DIM = 0
         delta_triton.CHUNK_KERNELS_ON_GPU = True
     torch.backends.cuda.matmul.allow_tf32 = False
