@@ -16,6 +16,14 @@ Presets (any ``linmix convert`` option given after the preset overrides it):
     python examples/convert_smollm2.py --preset gpu --target lolcats --output runs/smollm2-lolcats
     python examples/convert_smollm2.py --preset gpu --target gated_deltanet --output runs/smollm2-gdn
 
+    # GPU under a hard wall clock (e.g. one 9-minute job): budget each stage, fit the learning-rate
+    # schedule to the budget, keep only the report (rewritten after every stage and report section)
+    python examples/convert_smollm2.py --preset gpu --target lolcats --stage1-seconds 150 \
+        --stage2-seconds 170 --fit-schedule --no-save --no-progress --output runs/smollm2-lolcats
+
+    # how many tokens a stage trains per second on this GPU (random SmolLM2-135M-shaped teacher):
+    python benchmarks/convert_probe.py --device cuda --target lolcats,gated_deltanet
+
 It is ``linmix convert`` with these presets (``python -m linmix.convert.cli ...`` runs the same).
 """
 

@@ -13,7 +13,8 @@ Llama-family teacher (Llama, SmolLM/SmolLM2, Mistral, Qwen2; GPT-2 for stage 1):
    and/or next-token loss) through LoRA adapters;
 5. :mod:`~linmix.convert.report` compares student and teacher (perplexity, agreement, KL, passkey /
    needle retrieval, decoding speed and state memory);
-6. :mod:`~linmix.convert.cli` is ``linmix convert``; :mod:`~linmix.convert.data` the text sources.
+6. :mod:`~linmix.convert.cli` is ``linmix convert``; :mod:`~linmix.convert.data` the text sources;
+   :mod:`~linmix.convert.budget` the wall-clock budgets and throughput accounting of the stages.
 
 Example:
     >>> import torch
@@ -29,6 +30,7 @@ Example:
 
 from linmix.convert.adapters import AttentionWeights, TeacherAdapter, get_adapter, load_teacher
 from linmix.convert.attention_transfer import AttentionTransfer, attention_transfer, layer_errors, transfer_loss
+from linmix.convert.budget import MeteredLoss, fit_within_budget
 from linmix.convert.distill import DistillationLoss, add_lora, distill
 from linmix.convert.targets import (TARGET_NAMES, build_mixer, build_mixers, build_student, layer_targets,
                                     stage1_parameters, student_mixers)
@@ -50,6 +52,8 @@ __all__ = [
     "transfer_loss",
     "layer_errors",
     "DistillationLoss",
+    "MeteredLoss",
+    "fit_within_budget",
     "add_lora",
     "distill",
 ]

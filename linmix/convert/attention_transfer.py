@@ -165,7 +165,8 @@ def layer_errors(model: AttentionTransfer, batches: Iterable[Mapping[str, torch.
 
 def attention_transfer(teacher: nn.Module, mixers: Mapping[int, TokenMixer], train_data, config, *,
                        params: Iterable[nn.Parameter] | None = None, eval_data: torch.Tensor | None = None,
-                       adapter: TeacherAdapter | None = None) -> dict:
+                       adapter: TeacherAdapter | None = None, max_seconds: float | None = None,
+                       fit_schedule: bool = False) -> dict:
     """Run stage 1 with :class:`~linmix.train.Trainer`.
 
     Args:
@@ -178,13 +179,22 @@ def attention_transfer(teacher: nn.Module, mixers: Mapping[int, TokenMixer], tra
         params: the parameters to train (default: every mixer parameter; see
             :func:`~linmix.convert.targets.stage1_parameters`).
         eval_data: held-out token chunks [N, T]: per-layer errors before and after training.
+        max_seconds: wall-clock budget of the stage from this call on (the "before" evaluation
+            included, the "after" one not): training stops after the step in progress when it is
+            spent (at least one step runs). None = no limit.
+        fit_schedule: with ``max_seconds``, plan the learning-rate schedule over the steps that fit
+            in the budget (see :class:`~linmix.convert.budget.MeteredLoss`).
 
     Returns:
-        ``{"history": trainer records, "before": {layer: rel_mse}, "after": {layer: rel_mse}}``
-        (``before`` / ``after`` empty without ``eval_data``).
+        ``{"history": trainer records, "before": {layer: rel_mse}, "after": {layer: rel_mse},
+        "summary": ...}`` (``before`` / ``after`` empty without ``eval_data``); ``summary`` (also
+        the last history record) counts the steps and tokens trained, their time and throughput,
+        and whether the budget stopped training (:meth:`~linmix.convert.budget.MeteredLoss.summary`).
     """
+    from linmix.convert.budget import MeteredLoss, fit_within_budget
     from linmix.train import Trainer
 
+    meter = MeteredLoss(transfer_loss, max_seconds, fit_schedule=fit_schedule)
     model = AttentionTransfer(teacher, mixers, adapter=adapter)
     params = list(model.mixers.parameters()) if params is None else list(params)
     chosen = {id(p) for p in params}
@@ -192,9 +202,9 @@ def attention_transfer(teacher: nn.Module, mixers: Mapping[int, TokenMixer], tra
         p.requires_grad_(id(p) in chosen)
     model.to(config.device)
     before = layer_errors(model, eval_data, batch_size=config.batch_size) if eval_data is not None else {}
-    trainer = Trainer(model, config, train_data, loss_fn=transfer_loss, params=params)
-    history = trainer.fit()
+    trainer = Trainer(model, config, train_data, loss_fn=meter, params=params)
+    history = fit_within_budget(trainer, meter)
     after = layer_errors(model, eval_data, batch_size=config.batch_size) if eval_data is not None else {}
     for p in model.mixers.parameters():
         p.requires_grad_(True)
-    return {"history": history, "before": before, "after": after}
+    return {"history": history, "before": before, "after": after, "summary": history[-1]}

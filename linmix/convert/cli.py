@@ -1,14 +1,21 @@
 """``linmix convert``: linearise a pretrained transformer in one command, then report on it.
 
     linmix convert --teacher smollm2-135m --target lolcats [--keep-attention 0,15] \\
-                   [--tokens 10M] [--stage2-tokens 10M] [--device cuda] [--output runs/lolcats]
+                   [--tokens 10M] [--stage2-tokens 10M] [--device cuda] [--output runs/lolcats] \\
+                   [--stage1-seconds 150 --stage2-seconds 170 [--fit-schedule]] [--no-save]
 
 Steps: load the teacher and its tokenizer (offline); build the student (the teacher's embeddings,
 norms, MLPs; each converted layer's attention replaced by the target mixer, teacher q/k/v/o
 reused); stage 1, attention transfer (:mod:`.attention_transfer`); stage 2, distillation with LoRA
 (:mod:`.distill`); the report (:mod:`.report`) as a Markdown table on stdout and ``report.json`` /
 ``report.md`` next to the saved student (``save_pretrained``; it loads with
-``AutoModelForCausalLM.from_pretrained`` after ``import linmix``).
+``AutoModelForCausalLM.from_pretrained`` after ``import linmix``; ``--no-save``: the report only).
+
+Under a hard wall clock: ``--stage1-seconds`` / ``--stage2-seconds`` end a stage after the step in
+progress once its budget is spent (:mod:`.budget`; ``--fit-schedule`` also fits the learning-rate
+schedule to the budget), the report records per stage the tokens and steps really trained, wall
+time, tokens/s and whether the budget stopped it, and ``report.json`` / ``report.md`` are rewritten
+after every stage and report section, so a run killed late still leaves its numbers.
 
 Programmatic use: ``main(parser.parse_args([...]))`` with a parser given :func:`add_arguments`,
 or :func:`run`, which returns the report dict and the student.
@@ -77,6 +84,25 @@ def parse_layers(text: str) -> list[int]:
     return sorted(set(layers))
 
 
+def parse_seconds(text: str) -> float | None:
+    """A non-negative number of seconds: ``"90"``, ``"2.5"``; ``"none"`` or ``""`` -> no limit (None).
+
+    Example:
+        >>> parse_seconds("240"), parse_seconds("none")
+        (240.0, None)
+    """
+    text = str(text).strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds such as 240, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def parse_ints(text: str) -> list[int]:
     """Comma-separated ints (counts with K/M suffixes allowed): ``"256,1K"`` -> [256, 1000]."""
     return [parse_count(p) for p in str(text).split(",") if p.strip()]
@@ -124,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--stage1-lr", type=float, default=None,
                    help="default 1e-2 when only new parameters train, 1e-3 when whole mixers do")
     g.add_argument("--stage1-batch-size", type=int, default=8)
+    g.add_argument("--stage1-seconds", type=parse_seconds, default=None, metavar="S",
+                   help="wall-clock budget of stage 1 (its initial evaluation included): training stops after "
+                        "the step in progress once S seconds are spent, at least one step runs (default: none)")
     g.add_argument("--stage1-params", default="default", choices=("default", "new", "all"),
                    help="'new': only what the target adds (feature maps, gates); 'all': whole mixers; "
                         "'default': new for lolcats/hedgehog, all for gla/gated_deltanet/mamba2")
@@ -133,11 +162,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="KL to the teacher's logits, next-token CE, both, or none (default: %(default)s)")
     g.add_argument("--stage2-tokens", type=parse_count, default=parse_count("10M"),
                    help="stage-2 training tokens (default: 10M)")
+    g.add_argument("--stage2-seconds", type=parse_seconds, default=None, metavar="S",
+                   help="wall-clock budget of stage 2, as --stage1-seconds (default: none)")
     g.add_argument("--stage2-lr", type=float, default=1e-3)
     g.add_argument("--stage2-batch-size", type=int, default=8)
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on q/k/v/o (0: train the stage-1 "
                                                             "parameters fully instead; default: %(default)s)")
     g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--fit-schedule", action="store_true",
+                   help="with --stage1-seconds / --stage2-seconds: plan the budgeted stage's warmup + cosine "
+                        "learning rate over the steps that fit in its budget (re-estimated every step from the "
+                        "measured step time; --tokens / --stage2-tokens stay the cap), so that a stage cut by "
+                        "its budget still ends with a decayed learning rate")
 
     g = parser.add_argument_group("report")
     g.add_argument("--retrieval-lengths", type=parse_ints, default=parse_ints("256,1K,2K,4K"),
@@ -153,7 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast in training (CUDA)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output", type=Path, default=None,
-                   help="directory for the student (save_pretrained), report.json and report.md")
+                   help="directory for the student (save_pretrained), report.json and report.md (the report is "
+                        "rewritten after every stage and report section, so a run stopped early keeps its "
+                        "numbers so far)")
+    g.add_argument("--no-save", dest="save", action="store_false",
+                   help="with --output, write only report.json / report.md, not the student's weights")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
 
@@ -181,7 +221,12 @@ def _training_chunks(args: argparse.Namespace, teacher: torch.nn.Module, tokeniz
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module]:
-    """The conversion described by ``args`` (see :func:`add_arguments`): returns (report, student)."""
+    """The conversion described by ``args`` (see :func:`add_arguments`): returns (report, student).
+
+    With ``args.output``, ``report.json`` / ``report.md`` are written after each stage and each
+    report section (so a run stopped from outside keeps what it measured), then the student
+    (unless ``args.save`` is False), then the report a last time with every timing.
+    """
     from linmix.convert import data
     from linmix.convert.adapters import get_adapter, load_teacher
     from linmix.convert.attention_transfer import attention_transfer
@@ -193,6 +238,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module]:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
+    report: dict[str, Any] = {}
+
+    def checkpoint() -> None:
+        report["timings"] = {**timings, "total_s": time.perf_counter() - start}
+        if args.output is not None:
+            _write_report(args.output, report)
+
     teacher, tokenizer = load_teacher(args.teacher, device=args.device)
     if tokenizer is None:
         raise ValueError(f"linmix convert: the teacher {args.teacher!r} has no tokenizer (needed for the text data)")
@@ -216,18 +268,20 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module]:
     heldout = data.chunk_tokens(heldout_stream, eval_len, max_tokens=max(args.eval_tokens, eval_len))
     timings["data_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     if args.student is None:
         student = build_student(teacher, targets, adapter=adapter, window_size=args.window_size,
                                 feature_dim=args.feature_dim)
     else:
         student = _load_student(args.student, targets, adapter, args)
     mixers = student_mixers(student, targets)
-    report: dict[str, Any] = {
-        "setup": {"teacher": args.teacher, "target": args.target, "targets": targets, "converted_layers": converted,
-                  "train_tokens_available": int(train_chunks.numel()), "heldout_tokens": int(heldout.numel()),
-                  "device": args.device, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                   for k, v in vars(args).items() if k != "func"}}}
+    timings["student_s"] = time.perf_counter() - t0
+    report["setup"] = {"teacher": args.teacher, "target": args.target, "targets": targets,
+                       "converted_layers": converted, "train_tokens_available": int(train_chunks.numel()),
+                       "heldout_tokens": int(heldout.numel()), "device": args.device,
+                       "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
     train_batch = data.lm_batch(train_chunks)
+    checkpoint()
 
     # -- stage 1 ------------------------------------------------------------------------------------
     steps = _steps(args.tokens, args.stage1_batch_size, args.seq_len)
@@ -242,15 +296,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module]:
                              log_every=max(1, steps // 20))
         probe = heldout[:max(1, min(len(heldout), 2 * args.stage1_batch_size))]
         result = attention_transfer(teacher, mixers, train_batch, config, params=params, eval_data=probe,
-                                    adapter=adapter)
+                                    adapter=adapter, max_seconds=args.stage1_seconds, fit_schedule=args.fit_schedule)
         timings["stage1_s"] = time.perf_counter() - t0
-        train_records = [r for r in result["history"] if r["kind"] == "train"]
-        report["stage1"] = {"steps": steps, "tokens": steps * args.stage1_batch_size * args.seq_len, "lr": lr,
-                            "params": which, "trained_parameters": sum(p.numel() for p in params),
+        report["stage1"] = {"lr": lr, "params": which, "trained_parameters": sum(p.numel() for p in params),
+                            **_stage_record(result["history"], steps, args.stage1_batch_size * args.seq_len,
+                                            timings["stage1_s"]),
                             "before": {str(k): v for k, v in result["before"].items()},
-                            "after": {str(k): v for k, v in result["after"].items()},
-                            "final_loss": train_records[-1]["loss"] if train_records else None,
-                            "wall_s": timings["stage1_s"]}
+                            "after": {str(k): v for k, v in result["after"].items()}}
+        checkpoint()
 
     # -- stage 2 ------------------------------------------------------------------------------------
     steps = _steps(args.stage2_tokens, args.stage2_batch_size, args.seq_len)
@@ -262,38 +315,70 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module]:
         extra = [] if args.lora_rank else [p for i in converted
                                           for p in stage1_parameters(targets[i], mixers[i], args.stage1_params)]
         student, history = distill(student, teacher, train_batch, config, loss=args.stage2, lora_rank=args.lora_rank,
-                                   lora_alpha=args.lora_alpha, extra_params=extra)
+                                   lora_alpha=args.lora_alpha, extra_params=extra, max_seconds=args.stage2_seconds,
+                                   fit_schedule=args.fit_schedule)
         timings["stage2_s"] = time.perf_counter() - t0
         train_records = [r for r in history if r["kind"] == "train"]
-        report["stage2"] = {"steps": steps, "tokens": steps * args.stage2_batch_size * args.seq_len,
-                            "loss": args.stage2, "lora_rank": args.lora_rank,
+        report["stage2"] = {"loss": args.stage2, "lora_rank": args.lora_rank,
+                            **_stage_record(history, steps, args.stage2_batch_size * args.seq_len, timings["stage2_s"]),
                             "first": train_records[0] if train_records else None,
-                            "last": train_records[-1] if train_records else None, "wall_s": timings["stage2_s"]}
+                            "last": train_records[-1] if train_records else None}
+        checkpoint()
+    timings["conversion_s"] = time.perf_counter() - start
 
     # -- report -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     student.eval()
-    report.update(evaluate(student, teacher, tokenizer, heldout=heldout, heldout_stream=heldout_stream,
-                           adapter=adapter, retrieval_lengths=args.retrieval_lengths,
-                           retrieval_examples=args.retrieval_examples, memory_lengths=args.memory_lengths,
-                           decode_prompt_len=args.decode_prompt_len, decode_new_tokens=args.decode_tokens,
-                           batch_size=args.eval_batch_size, seed=args.seed))
+
+    def section_done(name: str, sections: dict[str, Any]) -> None:
+        report.update(sections)
+        timings["report_s"] = time.perf_counter() - t0
+        checkpoint()
+
+    report.update(evaluate(
+        student, teacher, tokenizer, heldout=heldout, heldout_stream=heldout_stream, adapter=adapter,
+        retrieval_lengths=args.retrieval_lengths, retrieval_examples=args.retrieval_examples,
+        memory_lengths=args.memory_lengths, decode_prompt_len=args.decode_prompt_len,
+        decode_new_tokens=args.decode_tokens, batch_size=args.eval_batch_size, seed=args.seed, on_section=section_done))
     if args.prompt:
         report["sample"] = {"prompt": args.prompt, **{who: _greedy(model, tokenizer, args.prompt)
                                                       for who, model in (("teacher", teacher), ("student", student))}}
     timings["report_s"] = time.perf_counter() - t0
-    if args.output is not None:
+    checkpoint()
+    if args.output is not None and args.save:
+        t0 = time.perf_counter()
         args.output.mkdir(parents=True, exist_ok=True)
         student.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
-    timings["total_s"] = time.perf_counter() - start
-    report["timings"] = timings
-    if args.output is not None:
-        from linmix.convert.report import format_report
-
-        (args.output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (args.output / "report.md").write_text(format_report(report) + "\n")
+        timings["save_s"] = time.perf_counter() - t0
+        checkpoint()
+    report["timings"] = {**timings, "total_s": time.perf_counter() - start}
     return report, student
+
+
+def _stage_record(history: list[dict[str, Any]], planned_steps: int, tokens_per_step: int,
+                  wall_s: float) -> dict[str, Any]:
+    """The report entry of a training stage from its history (whose last record is the summary)."""
+    summary = history[-1] if history and history[-1].get("kind") == "summary" else {}
+    record = {"planned_steps": planned_steps, "planned_tokens": planned_steps * tokens_per_step,
+              "steps": summary.get("steps", planned_steps), "tokens": summary.get("tokens"), "wall_s": wall_s}
+    record.update({key: summary.get(key) for key in ("train_s", "first_step_s", "tokens_per_s",
+                                                     "tokens_per_s_after_first", "stopped_by_budget", "max_seconds",
+                                                     "schedule_steps")})
+    record["final_loss"] = summary.get("loss")
+    return record
+
+
+def _write_report(directory: Path, report: dict[str, Any]) -> None:
+    """``report.json`` and ``report.md`` in ``directory``, each replaced whole (written aside, then
+    renamed), so a reader never sees a half-written file."""
+    from linmix.convert.report import format_report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.md", format_report(report))):
+        partial = directory / f".{name}.partial"
+        partial.write_text(text + "\n")
+        partial.replace(directory / name)
 
 
 def _load_student(path: Path, targets: list[str], adapter, args: argparse.Namespace) -> torch.nn.Module:
@@ -337,7 +422,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"\ngreedy continuation of {s['prompt']!r}:\n  teacher: {s['teacher']!r}\n  student: {s['student']!r}")
     print("\ntimings: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
     if args.output is not None:
-        print(f"student, report.json and report.md in {args.output}")
+        print(f"{'student, ' if args.save else ''}report.json and report.md in {args.output}")
     return 0
 
 

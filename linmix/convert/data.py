@@ -96,29 +96,44 @@ def shakespeare_texts(split: str = "train", *, heldout: Sequence[str] = HELDOUT_
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer: Any, *, separator_id: int | None = None,
-                   max_tokens: int | None = None) -> torch.Tensor:
+                   max_tokens: int | None = None, group_size: int = 16) -> torch.Tensor:
     """One token stream [N] (int64): the texts tokenised without special tokens, each followed by
     ``separator_id`` (default: the tokenizer's EOS token, if it has one).
 
     Args:
         texts: documents, tokenised in order.
-        tokenizer: a Hugging Face tokenizer (``tokenizer(text, add_special_tokens=False)``).
+        tokenizer: a Hugging Face tokenizer (``tokenizer(list of texts, add_special_tokens=False)``).
         separator_id: token between documents; None = ``tokenizer.eos_token_id`` (may be None: none).
         max_tokens: stop after the first document that brings the stream to this many tokens
             (whole documents are kept), so a short run does not tokenise the whole corpus.
+        group_size: at most this many documents per tokenizer call (a fast tokenizer encodes a
+            group on all CPU cores; groups grow 1, 2, 4, ... up to it); the stream does not depend on it.
+
+    Example:
+        >>> def chars(texts, add_special_tokens=False):  # a stand-in tokenizer: a token per character
+        ...     return {"input_ids": [[ord(c) for c in text] for text in texts]}
+        >>> tokenize_texts(["ab", "c", "de"], chars, separator_id=0, max_tokens=4).tolist()
+        [97, 98, 0, 99, 0]
     """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"tokenize_texts: group_size must be an int >= 1, got {group_size!r}")
     if separator_id is None:
         separator_id = getattr(tokenizer, "eos_token_id", None)
     pieces: list[torch.Tensor] = []
     total = 0
-    for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if separator_id is not None:
-            ids.append(separator_id)
-        pieces.append(torch.tensor(ids, dtype=torch.long))
-        total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
+    texts = list(texts)
+    first, size = 0, 1
+    while first < len(texts):
+        group = texts[first:first + size]
+        first, size = first + len(group), min(2 * size, group_size)   # groups of 1, 2, 4, ...: a small
+        for ids in tokenizer(group, add_special_tokens=False)["input_ids"]:  # max_tokens stops early
+            ids = list(ids)
+            if separator_id is not None:
+                ids.append(separator_id)
+            pieces.append(torch.tensor(ids, dtype=torch.long))
+            total += len(ids)
+            if max_tokens is not None and total >= max_tokens:
+                return torch.cat(pieces)
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 

@@ -63,8 +63,12 @@ class DistillationLoss:
         logits = model(input_ids=ids, use_cache=False).logits
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-        kl = kl_per_token(logits, teacher_logits, self.temperature).mean()
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        # A term that is only a metric (CE under "kl", KL under "ce") is computed without a graph:
+        # its vocabulary-sized float32 intermediates are then not kept for the backward.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss != "ce"):
+            kl = kl_per_token(logits, teacher_logits, self.temperature).mean()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss != "kl"):
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
         loss = {"kl": kl, "ce": ce, "kl+ce": kl + self.ce_weight * ce}[self.loss]
         return loss, {"kl": kl.detach(), "ce": ce.detach(), "agreement": agreement}
@@ -97,7 +101,8 @@ def add_lora(student: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout:
 def distill(student: nn.Module, teacher: nn.Module, train_data, config, *, loss: str = "kl",
             lora_rank: int = 8, lora_alpha: float = 16.0, lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
             extra_params: Iterable[nn.Parameter] = (), temperature: float = 1.0,
-            eval_fn=None) -> tuple[nn.Module, list[dict[str, Any]]]:
+            eval_fn=None, max_seconds: float | None = None,
+            fit_schedule: bool = False) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run stage 2 with :class:`~linmix.train.Trainer`.
 
     Args:
@@ -113,14 +118,23 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, config, *, loss:
         extra_params: further parameters to train fully (e.g. the feature maps of stage 1).
         temperature: of the KL.
         eval_fn: passed to the Trainer (runs on the student, LoRA applied).
+        max_seconds: wall-clock budget of the stage from this call on: training stops after the
+            step in progress when it is spent (at least one step runs). None = no limit.
+        fit_schedule: with ``max_seconds``, plan the learning-rate schedule over the steps that fit
+            in the budget (see :class:`~linmix.convert.budget.MeteredLoss`).
 
     Returns:
-        (the student with the LoRA updates merged -- a plain LinmixForCausalLM --, the history).
+        (the student with the LoRA updates merged -- a plain LinmixForCausalLM --, the history),
+        whose last record (kind ``"summary"``) counts the steps and tokens trained, their time and
+        throughput, and whether the budget stopped training.
     """
+    from linmix.convert.budget import MeteredLoss, fit_within_budget
     from linmix.train import Trainer
 
     extra = list(extra_params)
-    objective = DistillationLoss(teacher.to(config.device), loss, temperature=temperature)
+    meter = MeteredLoss(DistillationLoss(teacher, loss, temperature=temperature), max_seconds,
+                        fit_schedule=fit_schedule)
+    teacher.to(config.device)
     if lora_rank:
         model = add_lora(student, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets)
         params = [p for p in model.parameters() if p.requires_grad] + extra
@@ -130,8 +144,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, config, *, loss:
         model, params = student, extra
     for p in extra:
         p.requires_grad_(True)
-    trainer = Trainer(model, config, train_data, loss_fn=objective, params=params, eval_fn=eval_fn)
-    history = trainer.fit()
+    trainer = Trainer(model, config, train_data, loss_fn=meter, params=params, eval_fn=eval_fn)
+    history = fit_within_budget(trainer, meter)
     if lora_rank:
         student = model.merge_and_unload()
     for p in student.parameters():

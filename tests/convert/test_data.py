@@ -40,6 +40,15 @@ def test_token_stream_and_chunks(tiny_tokenizer):
     assert stream[:len(first)].tolist() == first and stream[len(first)] == eos
     capped = data.tokenize_texts(["To be, or not to be", "that is the question"], tiny_tokenizer, max_tokens=3)
     assert torch.equal(capped, stream[:len(first) + 1])  # whole documents until the cap is reached
+    # documents go to the tokenizer in groups (1, 2, 4, ... of them): the stream does not depend on it
+    texts = [" ".join(["To be, or not to be"] * int(n)) for n in torch.randint(1, 4, (11,))]
+    whole = torch.cat([torch.tensor(tiny_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts])
+    for group_size in (1, 3, 16):
+        assert torch.equal(data.tokenize_texts(texts, tiny_tokenizer, group_size=group_size), whole)
+        cut = data.tokenize_texts(texts, tiny_tokenizer, group_size=group_size, max_tokens=len(whole) // 2)
+        assert len(whole) // 2 <= len(cut) < len(whole) and torch.equal(cut, whole[:len(cut)]) and cut[-1] == eos
+    with pytest.raises(ValueError, match="group_size"):
+        data.tokenize_texts(texts, tiny_tokenizer, group_size=0)
     assert sorted(data.shuffled(list("abcdef"), seed=2)) == list("abcdef")
     chunks = data.chunk_tokens(torch.arange(100), 16, max_tokens=50)
     assert chunks.shape == (3, 16) and chunks[2, 0] == 32

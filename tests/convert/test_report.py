@@ -77,10 +77,16 @@ def test_evaluate_and_format(tiny_tokenizer):
     teacher = tiny_llama()
     student = build_student(teacher, layer_targets(2, "lolcats", keep=[0]), window_size=8)
     heldout = torch.randint(0, 300, (2, 32))
+    sections = []
     report = evaluate(student, teacher, tiny_tokenizer, heldout=heldout, heldout_stream=torch.randint(0, 300, (3000,)),
                       retrieval_lengths=[300], retrieval_examples=2, memory_lengths=[16, 1024],
-                      decode_prompt_len=8, decode_new_tokens=3)
-    assert set(report) == {"lm", "retrieval", "decode", "memory", "memory_measured"}
+                      decode_prompt_len=8, decode_new_tokens=3,
+                      on_section=lambda name, so_far: sections.append((name, sorted(so_far))))
+    assert set(report) == {"lm", "retrieval", "decode", "memory", "memory_measured", "eval_seconds"}
+    # each section is reported as soon as it is measured, with everything measured before it
+    assert [name for name, _ in sections] == ["lm", "memory", "retrieval", "decode"]
+    assert sections[0][1] == ["eval_seconds", "lm"] and sections[2][1] == sorted(set(report) - {"decode"})
+    assert set(report["eval_seconds"]) == {"lm", "memory", "retrieval", "decode"}
     adapter = get_adapter(teacher)
     assert report["memory"]["1024"]["teacher_kv_bytes"] == adapter.kv_cache_bytes(1024) == 2 * 2 * 1024 * 2 * 16 * 4
     measured = report["memory_measured"]

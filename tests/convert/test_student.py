@@ -72,7 +72,10 @@ def test_stage2_distillation_with_lora(tmp_path):
     assert type(student).__name__ == "LinmixForCausalLM"
     assert not any("lora" in name for name in student.state_dict())            # adapters merged away
     assert torch.equal(student.model.layers[1].mixer.q_map.weight, feature_map)  # LoRA only by default
-    assert {"kl", "ce", "agreement"} <= set(history[-1])
+    assert {"kl", "ce", "agreement"} <= set([r for r in history if r["kind"] == "train"][-1])
+    summary = history[-1]
+    assert summary["kind"] == "summary" and summary["steps"] == 40 and summary["tokens"] == 40 * 8 * 32
+    assert not summary["stopped_by_budget"]
     student.save_pretrained(tmp_path)
 
 
@@ -88,3 +91,17 @@ def test_distillation_losses():
     assert abs(float(loss) - 0.5 * float(ce)) < 1e-4 and abs(float(metrics["ce"]) - float(ce)) < 1e-4
     with pytest.raises(ValueError, match="loss must be one of"):
         DistillationLoss(teacher, "mse")
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce", "kl+ce"])
+def test_distillation_loss_gradients(loss):
+    """Every loss mode gives a differentiable loss equal to its metrics (the metric-only term has no graph)."""
+    teacher = tiny_llama()
+    student = build_student(teacher, layer_targets(2, "hedgehog", keep=[0]))
+    _perturb_new_parts(student)
+    value, metrics = DistillationLoss(teacher, loss)(student, {"input_ids": torch.randint(0, 300, (2, 12))})
+    value.backward()
+    grad = student.model.layers[1].mixer.q_map.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    expected = {"kl": metrics["kl"], "ce": metrics["ce"], "kl+ce": metrics["kl"] + metrics["ce"]}[loss]
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-6)
