@@ -111,29 +111,55 @@ def _check_isolated(args) -> list[dict]:
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
 
     def one(case) -> list[dict]:
-        op, D, (B, T) = case
+        op, D, (B, T), launch = case
+        tag = {"op": op, "K=V": D, "B": B, "T": T} | ({"launch": launch} if launch else {})
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "check", "--ops", op, "--head-dims", str(D), "--shapes", f"{B}x{T}",
                    "--out", tmp] + (["--force-kernels"] if args.force_kernels else [])
+            if launch:
+                cmd += ["--delta-launch", launch]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
             except subprocess.TimeoutExpired:
-                return [{"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"), "error": "timeout"}]
+                return [{**tag, "max": float("nan"), "error": "timeout"}]
             result = Path(tmp) / "check.json"
             if proc.returncode == 0 and result.exists():
-                rows = json.loads(result.read_text())
+                rows = [{**row, **tag} for row in json.loads(result.read_text())]
             else:  # the launch that faulted is in the traceback (CUDA_LAUNCH_BLOCKING)
                 frames = [line.strip() for line in proc.stderr.splitlines() if "File " in line and "linmix" in line]
                 last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
-                rows = [{"op": op, "K=V": D, "B": B, "T": T, "max": float("nan"),
+                rows = [{**tag, "max": float("nan"),
                          "error": f"rc {proc.returncode}: " + " <- ".join(frames[-3:] + last)[-600:]}]
         for row in rows:
             print(json.dumps(row), file=sys.stderr, flush=True)
         return rows
 
-    cases = [(op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes]
+    launches = args.variants or [args.delta_launch]
+    cases = [(op, D, shape, launch) for launch in launches for op in args.ops for D in args.head_dims
+             for shape in args.shapes]
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        return [row for rows in pool.map(one, cases) for row in rows]
+        rows = [row for rows in pool.map(one, cases) for row in rows]
+    if args.variants:  # the first variant whose every case is within the bf16 budget
+        passing = [v for v in args.variants
+                   if all(r["max"] < 1e-2 for r in rows if r.get("launch") == v)]  # NaN fails
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "best_launch.json").write_text(passing[0] if passing else "")
+        print(f"passing variants: {passing}", file=sys.stderr)
+    return rows
+
+
+def apply_delta_launch(text: str | None) -> None:
+    """Set fields of the delta rule's Triton LaunchConfig from a JSON object (e.g. '{"warps_scan": 4}')."""
+    if not text:
+        return
+    import importlib
+
+    launch = importlib.import_module("linmix.ops.delta_rule.triton").LAUNCH
+    for name, value in json.loads(text).items():
+        if not hasattr(launch, name):
+            raise SystemExit(f"error: --delta-launch: LaunchConfig has no field {name!r}")
+        setattr(launch, name, value)
 
 
 def _bench(fn) -> float:
@@ -311,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="check: run the Triton chunk kernels even where linmix gates them off on CUDA")
     p.add_argument("--workers", type=int, default=4, help="isolated check cases run at once (default: 4)")
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per isolated check case")
+    p.add_argument("--delta-launch", metavar="JSON",
+                   help="fields of linmix.ops.delta_rule.triton.LAUNCH for this run, e.g. '{\"warps_scan\": 4}'")
+    p.add_argument("--variants", nargs="+", metavar="JSON",
+                   help="check --isolate: run every case under each --delta-launch variant; writes the first "
+                        "variant that passes everywhere to OUT/best_launch.json")
     p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
                    help="layers for the compile check")
     p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")
@@ -318,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
+    if not args.isolate:
+        apply_delta_launch(args.delta_launch)
     rows = {"check": check, "bench": bench, "decode": decode, "compile": compile_check,
             "crossover": crossover}[args.what](args)
     import triton

@@ -141,7 +141,8 @@ class LaunchConfig:
             solve for 16-bit inputs ("ieee": exact float32; "tf32x3" / "tf32" are faster and less
             exact); float32 inputs always use "ieee".
         warps_*: ``num_warps`` of each kernel; ``stages``: ``num_stages`` of all of them (None:
-            Triton's default).
+            Triton's default, except 1 for the two scans at K > 128, whose pipelined tiles would
+            not fit in shared memory).
     """
 
     block_k: int = 64
@@ -722,6 +723,10 @@ class _Sizes:
             del kw[name]
         if self.cfg.stages is not None:
             kw["num_stages"] = self.cfg.stages
+        elif scan and self.KP >= 256:
+            # the scans' [C, K] key / query tiles, buffered per pipeline stage, exceed the H200's shared
+            # memory at K = 256 (254 KB asked for, 227 KB there): no software pipelining then
+            kw["num_stages"] = 1
         return kw
 
 
