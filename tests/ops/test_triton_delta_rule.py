@@ -171,3 +171,14 @@ def test_scan_precision_settings(monkeypatch):
 def test_float64_falls_back_to_chunk_form():
     x = {n: None if t is None else t.double() for n, t in make_inputs(T=20, K=16, V=16).items()}
     check(x, tol=1e-10, output_final_state=True)
+
+
+def test_launch_settings_avoid_the_hopper_miscompilations():
+    """The launch settings the H200 verified: at most 4 warps in the scans and the gradient kernel,
+    2 warps and no pipelining in the scans at K > 128 (8 warps, or 4 at K = 256, miscompiled there)."""
+    for K, warps, stages in ((64, 4, None), (128, 4, None), (256, 2, 1)):
+        q = torch.zeros(1, 64, 1, K, dtype=torch.bfloat16)
+        s = delta_rule_triton._Sizes(q, q)
+        scan = s.consts(s.scan_warps, scan=True)
+        assert scan["num_warps"] == warps and scan.get("num_stages") == stages, (K, scan)
+        assert s.consts(s.cfg.warps_grads)["num_warps"] <= 4

@@ -85,9 +85,13 @@ Transposes: a ``tl.dot`` operand is never ``tl.trans`` of another dot's result (
 computed from one). Products needed both ways round -- (Q K^T)^T in dU, (dO U^T)^T and
 (dX2 U^T)^T in the gradients -- are each formed by their own dot from loaded tiles and masked
 with the transposed mask (:mod:`linmix.ops.common.triton_tiles`). The transposed-result pattern
-passes the interpreter, but it is the one behind Triton's Hopper miscompilations (3.4 to 3.7.0;
-fla guards its gated delta-rule backward against it), and an earlier version of these kernels
-that used it faulted on the H200. ``tl.trans`` of a loaded tile is fine and used throughout.
+passes the interpreter, but it is one of Triton's Hopper miscompilations (3.4 to 3.7.0; fla
+guards its gated delta-rule backward against it). An earlier version of these kernels used it and
+also launched 8 warps (the other miscompilation, see :class:`LaunchConfig`), and faulted on the
+H200; which of the two caused which fault was not isolated, both are avoided. ``tl.trans`` of a
+loaded tile is fine and used throughout. On the H200 (bf16, Triton 3.6, K = V = 16 to 256, T up to
+32K) o and every gradient are within 2.6e-3 to 5e-3 relative L2 error of the float32 PyTorch
+chunk form, the final state within 3e-5 to 2e-3 (BENCHMARKS.md section 2).
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The interpreter's
@@ -140,7 +144,12 @@ class LaunchConfig:
         solve_precision: ``input_precision`` of the float32 16 x 16 products of the triangular
             solve for 16-bit inputs ("ieee": exact float32; "tf32x3" / "tf32" are faster and less
             exact); float32 inputs always use "ieee".
-        warps_*: ``num_warps`` of each kernel; ``stages``: ``num_stages`` of all of them (None:
+        warps_*: ``num_warps`` of each kernel (``warps_scan_wide``: the scans' at K > 128). On
+            Hopper, Triton 3.6 miscompiles these kernels with more warps: 8 warps in the scans or
+            the gradient kernel, or 4 in the scans at K = 256, gave illegal memory accesses or NaN /
+            wrong gradients on the H200 (bisected 2026-11-30 with ``benchmarks/gpu.py check
+            --variants``; fla restricts its delta-rule kernels on Hopper the same way). 2 warps in
+            the gradient kernel are correct but 7x slower. ``stages``: ``num_stages`` of all of them (None:
             Triton's default, except 1 for the two scans at K > 128, whose pipelined tiles would
             not fit in shared memory).
     """
@@ -151,10 +160,11 @@ class LaunchConfig:
     scan_block_v: int = 32
     scan_state_elems: int = 128 * 64
     warps_solve: int = 4
-    warps_scan: int = 8
+    warps_scan: int = 4
+    warps_scan_wide: int = 2
     warps_outputs: int = 4
     warps_du_local: int = 4
-    warps_grads: int = 8
+    warps_grads: int = 4
     warps_finish: int = 4
     solve_precision: str = "ieee"
     scan_precision: str = "split"
@@ -698,6 +708,7 @@ class _Sizes:
         self.KP = max(16, triton.next_power_of_2(self.K))
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
+        self.scan_warps = cfg.warps_scan if self.KP <= 128 else cfg.warps_scan_wide
         exact = q.dtype == torch.float32
         self.prec = "ieee" if exact else "tf32"  # "tf32" is unused for 16-bit inputs
         self.solve_prec = "ieee" if exact else cfg.solve_precision
@@ -745,7 +756,7 @@ def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
     _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
         k, v, beta, b, A, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=store_final, **s.consts(s.cfg.warps_scan, KP=s.KP, BV=s.scan_BV, scan=True))
+        STORE_FINAL_STATE=store_final, **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
     return h, U, ht
 
 
@@ -771,7 +782,7 @@ def _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s: _Sizes, stor
     _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
         q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
         USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad,
-        **s.consts(s.cfg.warps_scan, KP=s.KP, BV=s.scan_BV, scan=True))
+        **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
     return dh, dx2, dh0
 
 
@@ -858,8 +869,9 @@ def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
 
 # On CUDA the chunk kernels can be switched off (LINMIX_DELTA_CHUNK_KERNELS=0 in the environment, or this
 # flag): CUDA tensors then take the fused recurrent kernel for short sequences and the PyTorch chunk form
-# otherwise. History: a first version ended in an illegal memory access on the H200 with Triton 3.6; it
-# used tl.trans of dot results as dot operands (see "Transposes" in the module docstring).
+# otherwise. Verified on the H200 (Triton 3.6, bf16, every gradient) at K = V = 16, 32, 64, 128 and 256;
+# earlier versions faulted there through two Triton miscompilations on Hopper: tl.trans of dot results
+# as dot operands ("Transposes" above) and 8-warp launches (see LaunchConfig).
 CHUNK_KERNELS_ON_GPU = os.environ.get("LINMIX_DELTA_CHUNK_KERNELS", "1") != "0"
 
 
