@@ -250,10 +250,12 @@ def evaluate(student: nn.Module, teacher: nn.Module, tokenizer: Any, *, heldout:
     itemsize = next(student.parameters()).element_size()
     report["memory"] = {str(n): {"teacher_kv_bytes": adapter.kv_cache_bytes(n, itemsize=itemsize),
                                  "student_state_bytes": student_state_bytes(student, n)} for n in memory_lengths}
-    probe_len = min(decode_prompt_len, 256)
-    report["memory_measured"] = {"context_len": probe_len,
-                                 "student_cache_bytes": measured_state_bytes(student, probe_len, vocab_size=vocab_size),
-                                 "student_state_bytes": student_state_bytes(student, probe_len)}
+    # the cache a real prefill leaves, at two lengths 4x apart: equal for a recurrent student, and equal
+    # to the computed size (kept attention layers and windows grow / saturate as computed)
+    probe_len = max(1, min(decode_prompt_len, 256))
+    report["memory_measured"] = [
+        {"context_len": n, "student_cache_bytes": measured_state_bytes(student, n, vocab_size=vocab_size),
+         "student_state_bytes": student_state_bytes(student, n)} for n in (probe_len, 4 * probe_len)]
     done("memory")
     if retrieval_lengths:
         if tokenizer is None:
@@ -319,6 +321,9 @@ def format_report(report: dict[str, Any]) -> str:
     for length, m in report.get("memory", {}).items():
         lines.append(f"| decoding state @ {int(length):,} tokens | {_bytes(m['teacher_kv_bytes'])} | "
                      f"{_bytes(m['student_state_bytes'])} |")
+    for m in report.get("memory_measured", []):
+        lines.append(f"| student cache measured after a {m['context_len']:,}-token prefill | | "
+                     f"{_bytes(m['student_cache_bytes'])} |")
     out = "\n".join(lines) if len(lines) > 2 else ""
     stage1 = report.get("stage1")
     if stage1 and stage1.get("after"):

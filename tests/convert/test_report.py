@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from linmix.convert import build_student, get_adapter, layer_targets
 from linmix.convert.report import (RetrievalExample, compare_language_models, decode_tokens_per_second, evaluate,
-                                   format_report, needle_examples, passkey_examples, retrieval_accuracy)
+                                   format_report, measured_state_bytes, needle_examples, passkey_examples,
+                                   retrieval_accuracy, student_state_bytes)
 from tests.convert.conftest import tiny_llama
 
 
@@ -89,9 +90,20 @@ def test_evaluate_and_format(tiny_tokenizer):
     assert set(report["eval_seconds"]) == {"lm", "memory", "retrieval", "decode"}
     adapter = get_adapter(teacher)
     assert report["memory"]["1024"]["teacher_kv_bytes"] == adapter.kv_cache_bytes(1024) == 2 * 2 * 1024 * 2 * 16 * 4
+    # measured after real prefills of 8 and 32 tokens: as computed (the kept attention layer's cache grows)
     measured = report["memory_measured"]
-    assert measured["student_cache_bytes"] == measured["student_state_bytes"]
+    assert [m["context_len"] for m in measured] == [8, 32]
+    assert all(m["student_cache_bytes"] == m["student_state_bytes"] for m in measured)
+    assert measured[1]["student_cache_bytes"] > measured[0]["student_cache_bytes"]
     assert report["decode"]["student_tokens_per_s"] > 0
     table = format_report(report)
     assert "passkey accuracy @ 300 tokens" in table and "decoding state @ 1,024 tokens" in table
+    assert "student cache measured after a 32-token prefill" in table
     assert decode_tokens_per_second(student, vocab_size=300, prompt_len=4, new_tokens=3) > 0
+
+
+def test_measured_cache_of_a_linear_student_does_not_grow():
+    teacher = tiny_llama()
+    student = build_student(teacher, layer_targets(2, "lolcats"), window_size=8)
+    sizes = [measured_state_bytes(student, n, vocab_size=300) for n in (8, 32, 128)]
+    assert sizes[0] == sizes[1] == sizes[2] == student_state_bytes(student, 128) > 0
