@@ -657,9 +657,11 @@ def _bidirectional(q, k, v, g, *, scale, initial_state, output_final_state, chun
     return (o_fwd.float() + o_bwd.flip(1).float() - diag).to(v.dtype), None
 
 
-# On the H200 (Triton 3.6) the kernels are verified at K = V = 128, K = 96 / 64 with V = 128 and
-# K = 128 with V = 64; a GPU training run with K = 16, V = 32 per head ended in a CUDA error in the
-# backward (2026-11-30, under investigation). Smaller key head dims run the PyTorch chunk form on CUDA.
+# On the H200 (Triton 3.6) the kernels are verified at K = V = 128, K = 96 / 64 with V = 128,
+# K = 128 with V = 64, and K = V = 16 and 256; at K = V = 32 dv came out NaN, and a GPU training run
+# with K = 16, V = 32 per head ended in a CUDA error in the backward (2026-11-30). The launch table
+# uses 8 warps, which miscompiled the delta rule's kernels on Hopper (see linmix.ops.delta_rule.triton)
+# -- the likely cause, not yet tested. Smaller key head dims run the PyTorch chunk form on CUDA.
 GPU_MIN_HEAD_DIM = 64
 
 
