@@ -8,6 +8,14 @@
 
 Every sub-command prints a markdown table and writes it (and a JSON of the rows) under --out.
 Standard shapes (DESIGN.md section 5): bf16, B*T = 65,536, H = 16, K = V = 128.
+
+Finding launch settings that Triton compiles correctly (each case in its own process, so a fault
+ends one case; the first variant right everywhere goes to OUT/best_launch.json):
+
+    python benchmarks/gpu.py check --isolate --force-kernels --workers 8 --ops delta_rule gated_delta_rule \
+        --head-dims 32 64 128 256 --shapes 2x4096 --variants '{"warps_scan": 4}' '{"warps_scan": 2}' --out DIR
+    python benchmarks/gpu.py check --isolate --force-kernels --ops gla --head-dims 32 --shapes 1x4096 \
+        --gla-launch '{"dv": {"num_warps": 4}, "dqk": {"num_warps": 4}}' --out DIR
 """
 
 from __future__ import annotations
@@ -118,6 +126,8 @@ def _check_isolated(args) -> list[dict]:
                    "--out", tmp] + (["--force-kernels"] if args.force_kernels else [])
             if launch:
                 cmd += ["--delta-launch", launch]
+            if args.gla_launch:
+                cmd += ["--gla-launch", args.gla_launch]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
             except subprocess.TimeoutExpired:
@@ -147,6 +157,22 @@ def _check_isolated(args) -> list[dict]:
         (out / "best_launch.json").write_text(passing[0] if passing else "")
         print(f"passing variants: {passing}", file=sys.stderr)
     return rows
+
+
+def apply_gla_launch(text: str | None) -> None:
+    """Set fields of gla's per-kernel launch table from JSON, e.g. '{"dv": {"num_warps": 4}}'."""
+    if not text:
+        return
+    import importlib
+
+    kernels = importlib.import_module("linmix.ops.gla.triton").LAUNCH.kernels
+    for kernel, fields in json.loads(text).items():
+        if kernel not in kernels:
+            raise SystemExit(f"error: --gla-launch: no kernel {kernel!r} (have {sorted(kernels)})")
+        for name, value in fields.items():
+            if not hasattr(kernels[kernel], name):
+                raise SystemExit(f"error: --gla-launch: KernelLaunch has no field {name!r}")
+            setattr(kernels[kernel], name, value)
 
 
 def apply_delta_launch(text: str | None) -> None:
@@ -339,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per isolated check case")
     p.add_argument("--delta-launch", metavar="JSON",
                    help="fields of linmix.ops.delta_rule.triton.LAUNCH for this run, e.g. '{\"warps_scan\": 4}'")
+    p.add_argument("--gla-launch", metavar="JSON",
+                   help="per-kernel fields of linmix.ops.gla.triton.LAUNCH, e.g. '{\"dv\": {\"num_warps\": 4}}'")
     p.add_argument("--variants", nargs="+", metavar="JSON",
                    help="check --isolate: run every case under each --delta-launch variant; writes the first "
                         "variant that passes everywhere to OUT/best_launch.json")
@@ -351,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.isolate:
         apply_delta_launch(args.delta_launch)
+        apply_gla_launch(args.gla_launch)
     rows = {"check": check, "bench": bench, "decode": decode, "compile": compile_check,
             "crossover": crossover}[args.what](args)
     import triton
