@@ -18,7 +18,8 @@ from linmix.ops.common.utils import compute_dtype
 @register_mixer("mamba2")
 class Mamba2(TokenMixer):
     r"""Mamba-2 (Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms
-    Through Structured State Space Duality", 2024), with the defaults of ``mamba_ssm``'s ``Mamba2``.
+    Through Structured State Space Duality", 2024), with the defaults of ``mamba_ssm``'s ``Mamba2``
+    except ``d_state`` (64 here, 128 there).
 
     With d_inner = expand * D split into H = d_inner / headdim heads, and B, C shared by the heads
     of each of ``ngroups`` groups:

@@ -145,3 +145,16 @@ def test_resume_keeps_finished_runs_and_failures_do_not_stop_the_others(tmp_path
         run_recall(preset, mixers=["gla"], out_dir=out, seed=1)
     saved = json.loads((out / "results.json").read_text())
     assert [r["lr"] for r in saved["runs"]] == [1e-2]
+
+
+def test_quick_preset_mamba2_probe_init():
+    # the quick preset's Mamba-2 probe init reaches the layer: softplus(dt_bias) in [dt_min, dt_max],
+    # A = exp(A_log) in A_init_range (the constructor raises on a misspelt argument)
+    quick = get_preset("quick")
+    kwargs = quick.mixer_kwargs["mamba2"]
+    model = RecallRunner(quick).build_model("mamba2", quick.d_models[0])
+    mixer = model.base_model.layers[1].mixer
+    dt, A = torch.nn.functional.softplus(mixer.dt_bias), mixer.A_log.exp()
+    assert ((dt >= kwargs["dt_min"] * (1 - 1e-5)) & (dt <= kwargs["dt_max"] * (1 + 1e-5))).all()
+    low, high = kwargs["A_init_range"]
+    assert ((A >= low * (1 - 1e-5)) & (A <= high * (1 + 1e-5))).all()
