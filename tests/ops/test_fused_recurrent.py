@@ -1,7 +1,7 @@
 """fused_recurrent (every family) against each op's reference backend, float32 (and bf16 inputs).
 
 Without CUDA the kernels run in the Triton interpreter on CPU tensors: TRITON_INTERPRET=1 is set
-before triton or linmix is imported (see test_triton_simple_gla.py for why), and the kernel module
+before triton or linmix is imported (tests/ops/triton_interp.py says why), and the kernel module
 is reloaded if it was imported earlier without it. With CUDA the same tests run the compiled
 kernels on the GPU. Shapes are small: the interpreter runs every program of the grid in Python,
 token by token.
@@ -15,28 +15,21 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import ast  # noqa: E402
 import functools  # noqa: E402
-import importlib  # noqa: E402
-import inspect  # noqa: E402
 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="the fused recurrent kernels need the triton package (not installed)")
 
 import torch.nn.functional as F  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRETER_PROBLEM = None if ON_GPU or type(tl.cumsum).__name__ == "InterpretedFunction" else (
-    "triton was imported before TRITON_INTERPRET=1 was set, so these CPU tests cannot run; set "
-    "os.environ.setdefault('TRITON_INTERPRET', '1') in conftest.py before anything imports triton")
 
 from linmix.ops import delta_rule, gla, linear_attn, simple_gla  # noqa: E402
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
+from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
 
-fr = importlib.import_module("linmix.ops.common.fused_recurrent")
-if not ON_GPU and type(fr._fused_recurrent_fwd_kernel).__name__ != "InterpretedFunction":
-    fr = importlib.reload(fr)  # decorate the kernels again, interpreted
+INTERPRETER_PROBLEM = interpreter_problem(ON_GPU)
+
+fr = interpreted_module("linmix.ops.common.fused_recurrent", "_fused_recurrent_fwd_kernel", ON_GPU)
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = 1e-4  # DESIGN.md section 4: Triton in the interpreter, float32
@@ -81,10 +74,7 @@ def make_inputs(family, B=2, T=7, H=2, K=32, V=24, N=None, initial_state=True, s
 
 def test_kernels_use_plain_pointers():
     """DESIGN.md section 2: no tl.make_block_ptr (removed in current Triton) in the code."""
-    tree = ast.parse(inspect.getsource(fr))
-    used = [node.lineno for node in ast.walk(tree)
-            if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
-            or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+    used = block_pointer_lines(fr)
     assert not used, f"make_block_ptr / block pointers used at lines {used}"
 
 

@@ -12,9 +12,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import ast  # noqa: E402
-import importlib  # noqa: E402
-import inspect  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -22,20 +19,15 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRETER_PROBLEM = None if type(tl.cumsum).__name__ == "InterpretedFunction" else (
-    "triton was imported before TRITON_INTERPRET=1 was set, so its library functions (tl.sum, tl.cumsum) are "
-    "not interpreted and these CPU tests cannot run; set os.environ.setdefault('TRITON_INTERPRET', '1') in "
-    "tests/conftest.py before it imports linmix (when CUDA is unavailable)")
 
 from linmix.ops.delta_rule import delta_rule  # noqa: E402
 from linmix.ops.dispatch import available_backends  # noqa: E402
 from tests.ops.utils import TOL, assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
+from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
 
-delta_rule_triton = importlib.import_module("linmix.ops.delta_rule.triton")
-if type(delta_rule_triton._chunk_solve_kernel).__name__ != "InterpretedFunction":
-    delta_rule_triton = importlib.reload(delta_rule_triton)  # decorate the kernels again, interpreted
+INTERPRETER_PROBLEM = interpreter_problem()
+
+delta_rule_triton = interpreted_module("linmix.ops.delta_rule.triton", "_chunk_solve_kernel")
 
 INTERP_TOL = 1e-4  # DESIGN.md section 4: Triton in the interpreter, float32
 
@@ -67,10 +59,7 @@ def test_backend_registered():
 
 def test_kernels_use_plain_pointers():
     """DESIGN.md section 2: no tl.make_block_ptr (removed in current Triton) in the code (docstrings may name it)."""
-    tree = ast.parse(inspect.getsource(delta_rule_triton))
-    used = [node.lineno for node in ast.walk(tree)
-            if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
-            or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+    used = block_pointer_lines(delta_rule_triton)
     assert not used, f"make_block_ptr / block pointers used at lines {used}"
 
 

@@ -1,6 +1,6 @@
 """gla: the Triton backend (in the interpreter, float32, CPU) against the reference, and the chunk-local gate gradient.
 
-TRITON_INTERPRET=1 must be set before triton is imported (see tests/ops/test_triton_simple_gla.py for
+TRITON_INTERPRET=1 must be set before triton is imported (tests/ops/triton_interp.py says
 why); if our kernel module was imported earlier without it, it is reloaded so that its kernels are
 interpreted. Shapes are tiny: the interpreter runs every program of every grid in Python.
 """
@@ -9,9 +9,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import ast  # noqa: E402
 import importlib  # noqa: E402
-import inspect  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -21,18 +19,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-INTERPRETER_PROBLEM = None if type(tl.cumsum).__name__ == "InterpretedFunction" else (
-    "triton was imported before TRITON_INTERPRET=1 was set, so its library functions (tl.sum, tl.cumsum) are "
-    "not interpreted and these CPU tests cannot run; set os.environ.setdefault('TRITON_INTERPRET', '1') in "
-    "tests/conftest.py before it imports linmix (when CUDA is unavailable)")
-
 from linmix.ops import gla  # noqa: E402
 from linmix.ops.dispatch import available_backends, resolve  # noqa: E402
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
+from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
 
-gla_triton = importlib.import_module("linmix.ops.gla.triton")
-if type(gla_triton._chunk_outputs_kernel).__name__ != "InterpretedFunction":
-    gla_triton = importlib.reload(gla_triton)  # decorate the kernels again, interpreted
+INTERPRETER_PROBLEM = interpreter_problem()
+
+gla_triton = interpreted_module("linmix.ops.gla.triton", "_chunk_outputs_kernel")
 fused = importlib.import_module("linmix.ops.common.fused_recurrent")
 FUSED_BOUNDS = {n: getattr(fused, n) for n in ("FUSED_MAX_TOKENS_TRAINING", "FUSED_MAX_TOKENS_INFERENCE")}
 
@@ -72,10 +66,7 @@ def test_auto_on_cpu_is_the_torch_chunk_form():
 
 def test_kernels_use_plain_pointers():
     """DESIGN.md section 2: no tl.make_block_ptr (removed in current Triton) in the code (docstrings may name it)."""
-    tree = ast.parse(inspect.getsource(gla_triton))
-    used = [node.lineno for node in ast.walk(tree)
-            if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
-            or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+    used = block_pointer_lines(gla_triton)
     assert not used, f"make_block_ptr / block pointers used at lines {used}"
 
 

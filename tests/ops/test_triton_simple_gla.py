@@ -1,11 +1,7 @@
 """simple_gla and linear_attn: the Triton backend (in the interpreter, float32, CPU) against the reference.
 
-The interpreter is selected by TRITON_INTERPRET=1, which Triton reads when a function is decorated
-with ``triton.jit`` -- its own library functions (tl.sum, tl.cumsum) included, at ``import triton``.
-So it is set here before triton or linmix is imported; if our kernel module was imported earlier
-without it, the module is reloaded. If triton itself was imported earlier without it (tests/conftest.py
-imports linmix, and e.g. transformers -> torch._dynamo imports triton), that cannot be undone here:
-every test here fails with a message saying to set the variable in tests/conftest.py.
+TRITON_INTERPRET=1 is set here before triton or linmix is imported (tests/ops/triton_interp.py says
+why, and reloads our kernel module if it was imported earlier without it).
 Shapes are small: the interpreter runs every program of every grid in Python.
 """
 
@@ -13,30 +9,22 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import ast  # noqa: E402
 import importlib  # noqa: E402
-import inspect  # noqa: E402
 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package (not installed)")
 
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRETER_PROBLEM = None if type(tl.cumsum).__name__ == "InterpretedFunction" else (
-    "triton was imported before TRITON_INTERPRET=1 was set, so its library functions (tl.sum, tl.cumsum) are "
-    "not interpreted and these CPU tests cannot run; set os.environ.setdefault('TRITON_INTERPRET', '1') in "
-    "tests/conftest.py before it imports linmix (when CUDA is unavailable)")
 
 from linmix.ops import linear_attn, simple_gla  # noqa: E402
 from linmix.ops.dispatch import available_backends  # noqa: E402
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
+from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
 
-# (linmix.ops.simple_gla is also the name of the op function, hence import_module.)
-simple_gla_triton = importlib.import_module("linmix.ops.simple_gla.triton")
-if type(simple_gla_triton._chunk_outputs_kernel).__name__ != "InterpretedFunction":
-    simple_gla_triton = importlib.reload(simple_gla_triton)  # decorate the kernels again, interpreted
+INTERPRETER_PROBLEM = interpreter_problem()
+
+simple_gla_triton = interpreted_module("linmix.ops.simple_gla.triton", "_chunk_outputs_kernel")
 
 TOL = 1e-4  # DESIGN.md section 4: Triton in the interpreter, float32
 OPS = {"simple_gla": simple_gla, "linear_attn": linear_attn}
@@ -64,10 +52,7 @@ def test_backends_registered():
 
 def test_kernels_use_plain_pointers():
     """DESIGN.md section 2: no tl.make_block_ptr (removed in current Triton) in the code (docstrings may name it)."""
-    tree = ast.parse(inspect.getsource(simple_gla_triton))
-    used = [node.lineno for node in ast.walk(tree)
-            if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
-            or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+    used = block_pointer_lines(simple_gla_triton)
     assert not used, f"make_block_ptr / block pointers used at lines {used}"
 
 
