@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.bench.fla import fla_decode_ops, fla_ops, fla_version
 from linmix.bench.floor import attention_floor, decode_floor, measure_rates, op_floor
+from linmix.bench.tables import markdown_table, rel_l2
 
 OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 
@@ -58,10 +59,6 @@ def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dt
 def call(op: str, backend: str, q, k, v, extra, **kw):
     fn = getattr(linmix.ops, "delta_rule" if op == "gated_delta_rule" else op)
     return fn(q, k, v, **extra, backend=backend, **kw)
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def check(args) -> list[dict]:
@@ -339,15 +336,6 @@ def crossover(args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        out.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
-                                     for k in keys) + " |")
-    return "\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["check", "bench", "decode", "compile", "crossover"])
@@ -386,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (f"# {args.what}: {date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"triton {triton.__version__}, fla {fla_version() if args.fla else '-'}\n\n")
-    text = head + table(rows)
+    text = head + markdown_table(rows)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import linmix
+from linmix.bench.tables import markdown_table, rel_l2
 from linmix.parallel import SequenceParallel, sp_delta_rule, sp_gla
 
 OPS = ("gla", "gated_delta_rule")
@@ -190,10 +191,6 @@ def _bench_layer(name, layer, T: int, args, device, dtype) -> list[dict]:
     return rows
 
 
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
 def check(args, device) -> list[dict]:
     """The sequence-parallel op (bf16 and float32) vs the op in float32 on the whole sequence."""
     W, rank = dist.get_world_size(), dist.get_rank()
@@ -224,15 +221,6 @@ def check(args, device) -> list[dict]:
                 rows.append({"op": op, "T": T, "dtype": str(dtype).replace("torch.", ""), "strategy": strategy,
                              **errs, "ok": "yes" if ok else "NO"})
     return rows
-
-
-def table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        out.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-"))
-                                     for k in keys) + " |")
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"# Sequence parallelism: {date.today()}, {where}, torch {torch.__version__}, "
                 f"triton {triton_version}\n\ncommand: torchrun --nproc_per_node {W} benchmarks/sp.py "
                 f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
-        text = head + "".join(f"\n## {title}\n\n{table(rows)}\n" for title, rows in sections)
+        text = head + "".join(f"\n## {title}\n\n{markdown_table(rows)}\n" for title, rows in sections)
         print(text)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
