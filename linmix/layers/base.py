@@ -188,6 +188,30 @@ def resolve_head_dim(cls: str, hidden_size: int, num_heads: int, head_dim: int |
     return check_positive_int(cls, "head_dim", head_dim)
 
 
+def resolve_attention_heads(cls: str, hidden_size: int, num_heads: int, num_kv_heads: int | None,
+                            head_dim: int | None) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) of an attention-shaped mixer with grouped KV heads, checked.
+
+    ``num_kv_heads`` None means one per query head; it must divide ``num_heads``; ``head_dim`` as in
+    :func:`resolve_head_dim`.
+    """
+    check_positive_int(cls, "num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    check_positive_int(cls, "num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{cls}: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    return num_kv_heads, resolve_head_dim(cls, hidden_size, num_heads, head_dim)
+
+
+def resolve_rotary_dim(cls: str, rotary_dim: int | None, head_dim: int, use_rope: bool) -> int:
+    """``rotary_dim`` (None: ``head_dim``), checked to be an even int in [2, head_dim] when rotary is used."""
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    if use_rope and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2
+                     or rotary_dim % 2 or rotary_dim > head_dim):
+        raise ValueError(f"{cls}: rotary_dim must be an even int in [2, head_dim={head_dim}], got {rotary_dim!r}")
+    return rotary_dim
+
+
 def check_state(cls: str, state: object, shapes: Mapping[str, list[int | str | None]]) -> LayerState | None:
     """Check a decoding state passed back in: a dict holding exactly the keys of ``shapes``, each a
     tensor of that shape. Returns ``state`` (``None`` passes: the start of a sequence).

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from linmix.layers.base import (LayerState, TokenMixer, check_positive_int, check_state, num_sequences, register_mixer,
-                                resolve_head_dim, sequence_shard)
+                                resolve_attention_heads, resolve_rotary_dim, sequence_shard)
 from linmix.modules import HedgehogFeatureMap, RotaryEmbedding
 from linmix.ops import linear_attn
 from linmix.ops.common.utils import compute_dtype
@@ -100,20 +100,12 @@ class LolcatsAttention(TokenMixer):
                  rotary_dim: int | None = None, layer_idx: int | None = None):
         super().__init__(hidden_size, layer_idx)
         name = type(self).__name__
-        check_positive_int(name, "num_heads", num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_positive_int(name, "num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"{name}: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        head_dim = resolve_head_dim(name, hidden_size, num_heads, head_dim)
+        num_kv_heads, head_dim = resolve_attention_heads(name, hidden_size, num_heads, num_kv_heads, head_dim)
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"{name}: window_size must be an int >= 0, got {window_size!r}")
         feature_dim = head_dim if feature_dim is None else feature_dim
         check_positive_int(name, "feature_dim", feature_dim)
-        rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        if use_rope and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2
-                         or rotary_dim % 2 or rotary_dim > head_dim):
-            raise ValueError(f"{name}: rotary_dim must be an even int in [2, head_dim={head_dim}], got {rotary_dim!r}")
+        rotary_dim = resolve_rotary_dim(name, rotary_dim, head_dim, use_rope)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window_size = window_size
         self.use_rope = bool(use_rope)
