@@ -302,9 +302,7 @@ def carry_summary(op: str, k: torch.Tensor, v: torch.Tensor, gates: tuple = (), 
     kind = _check_op(op)
     dtype = compute_dtype(k)
     if kind == "matrix" and k.shape[1] == 0:
-        B, _, H, K = k.shape
-        M = torch.eye(K, dtype=dtype, device=k.device).expand(B, H, K, K).clone()
-        E = k.new_zeros(B, H, K, v.shape[-1], dtype=dtype)
+        M, E = _empty_segment(k, v.shape[-1], dtype)
     elif kind == "matrix":
         M, E = _delta_carry(k, v, gates, chunk_size or DEFAULT_CHUNK, dtype)
     else:
@@ -312,6 +310,13 @@ def carry_summary(op: str, k: torch.Tensor, v: torch.Tensor, gates: tuple = (), 
     if initial_state is not None:
         E = E + apply_transition(M, initial_state.to(dtype))
     return M, E
+
+
+def _empty_segment(x: torch.Tensor, V: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, zeros) of a segment without tokens: the identity transition [B, H, K, K] and a zero [B, H, K, V]."""
+    B, _, H, K = x.shape
+    return (torch.eye(K, dtype=dtype, device=x.device).expand(B, H, K, K).clone(),
+            x.new_zeros(B, H, K, V, dtype=dtype))
 
 
 def initial_state_grad(op: str, q: torch.Tensor, k: torch.Tensor, gates: tuple, do: torch.Tensor, *, scale: float,
@@ -334,9 +339,7 @@ def initial_state_grad(op: str, q: torch.Tensor, k: torch.Tensor, gates: tuple, 
     kind = _check_op(op)
     dtype = compute_dtype(q)
     if kind == "matrix" and q.shape[1] == 0:
-        B, _, H, K = q.shape
-        M = torch.eye(K, dtype=dtype, device=q.device).expand(B, H, K, K).clone()
-        G = q.new_zeros(B, H, K, do.shape[-1], dtype=dtype)
+        M, G = _empty_segment(q, do.shape[-1], dtype)
     elif kind == "matrix":
         M, G = _delta_adjoint(q, k, gates, do, scale, chunk_size or DEFAULT_CHUNK, dtype)
     else:
