@@ -708,7 +708,12 @@ class _Sizes:
         self.KP = max(16, triton.next_power_of_2(self.K))
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
-        self.scan_warps = cfg.warps_scan if self.KP <= 128 else cfg.warps_scan_wide
+        # Scans at K > 128: fewer warps (Hopper miscompiles 4 there, see LaunchConfig), and no software
+        # pipelining unless asked for -- their [C, K] key / query tiles, buffered per pipeline stage,
+        # exceed the H200's shared memory at K = 256 (254 KB asked for, 227 KB there).
+        wide = self.KP > 128
+        self.scan_warps = cfg.warps_scan_wide if wide else cfg.warps_scan
+        self.scan_stages = 1 if wide and cfg.stages is None else cfg.stages
         exact = q.dtype == torch.float32
         self.prec = "ieee" if exact else "tf32"  # "tf32" is unused for 16-bit inputs
         self.solve_prec = "ieee" if exact else cfg.solve_precision
@@ -732,12 +737,9 @@ class _Sizes:
             kw["SPLIT"] = self.scan_split
         for name in drop:
             del kw[name]
-        if self.cfg.stages is not None:
-            kw["num_stages"] = self.cfg.stages
-        elif scan and self.KP >= 256:
-            # the scans' [C, K] key / query tiles, buffered per pipeline stage, exceed the H200's shared
-            # memory at K = 256 (254 KB asked for, 227 KB there): no software pipelining then
-            kw["num_stages"] = 1
+        stages = self.scan_stages if scan else self.cfg.stages
+        if stages is not None:
+            kw["num_stages"] = stages
         return kw
 
 
