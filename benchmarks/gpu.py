@@ -5,6 +5,8 @@
     python benchmarks/gpu.py decode --out DIR [--fla]   # one token, B=64, state carried
     python benchmarks/gpu.py compile --out DIR  # torch.compile'd layers against eager (bf16)
     python benchmarks/gpu.py crossover --out DIR  # fused recurrent vs chunk kernels at short T
+    python benchmarks/gpu.py profile --out DIR [--ops ...]  # per-kernel CUDA time of fwd+bwd (B=8, T=8192)
+    python benchmarks/gpu.py tune --ops gla --variants JSON ... --out DIR  # launch variants: error and time
 
 Every sub-command prints a markdown table and writes it (and a JSON of the rows) under --out.
 Standard shapes (DESIGN.md section 5): bf16, B*T = 65,536, H = 16, K = V = 128.
@@ -336,9 +338,103 @@ def crossover(args) -> list[dict]:
     return rows
 
 
+def _launch_state():
+    """Snapshot of both launch tables, and a function that restores it."""
+    import copy
+    import importlib
+
+    delta = importlib.import_module("linmix.ops.delta_rule.triton")
+    gla = importlib.import_module("linmix.ops.gla.triton")
+    saved = copy.deepcopy(delta.LAUNCH), copy.deepcopy(gla.LAUNCH)
+
+    def restore():
+        delta.LAUNCH.__dict__.update(copy.deepcopy(saved[0]).__dict__)
+        gla.LAUNCH.__dict__.update(copy.deepcopy(saved[1]).__dict__)
+
+    return restore
+
+
+def _max_error(op: str, B: int, T: int) -> float:
+    """Max relative L2 error of o, final state and every gradient (bf16 Triton vs float32 torch), H=16, K=V=128."""
+    args = argparse.Namespace(isolate=False, force_kernels=False, ops=[op], head_dims=[128], shapes=[(B, T)])
+    return check(args)[0]["max"]
+
+
+def tune(args) -> list[dict]:
+    """Each --variants launch (JSON; a delta-rule LaunchConfig object for the delta ops, a per-kernel
+    object for gla; ``{}`` is the default launch), in one process: max error at 1 x 4096 and
+    fwd / fwd+bwd ms at B = 8, T = 8192.
+
+    Variants run in order and rows are printed as they finish; a Hopper fault ends the process (the
+    rows before it are in the log), so run doubtful launches one per process.
+    """
+    restore = _launch_state()
+    rows = []
+    for op in args.ops:
+        for variant in args.variants or ["{}"]:
+            restore()
+            (apply_gla_launch if op == "gla" else apply_delta_launch)(variant)
+            row = {"op": op, "launch": variant}
+            try:
+                row["max_err"] = _max_error(op, 1, 4096)
+                q, k, v, extra, _ = make_inputs(op, 8, 8192, 16, 128, 128, torch.bfloat16)
+                row["fwd_ms"], row["fwdbwd_ms"] = time_op(lambda *a, **e: call(op, "triton", *a, e), q, k, v, extra,
+                                                          torch.randn_like(v))
+            except Exception as e:  # noqa: BLE001 -- a compile error ends this variant only
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            torch.cuda.empty_cache()
+    restore()
+    return rows
+
+
+def profile(args) -> list[dict]:
+    """Per-kernel CUDA time of one fwd+bwd (B = 8, T = 8192, H = 16, K = V = 128, bf16), mean of 5 runs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fla = fla_ops(bypass_hopper_guard=True) if args.fla else {}
+    rows = []
+    for op in args.ops:
+        impls = [("linmix", lambda *a, op=op, **e: call(op, "triton", *a, e))]
+        if op in fla:
+            impls.append(("fla", fla[op]))
+        for name, fn in impls:
+            q, k, v, extra, _ = make_inputs(op, 8, 8192, 16, 128, 128, torch.bfloat16)
+            leaves = [q, k, v, *extra.values()]
+            for t in leaves:
+                t.requires_grad_(True)
+            do = torch.randn_like(v)
+
+            def step():
+                o = fn(q, k, v, **extra)[0]
+                torch.autograd.grad(o, leaves, do)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            kernels = [(e.key, e.device_time_total / 5e3, e.count // 5) for e in prof.key_averages()
+                       if e.device_time_total > 0]
+            total = sum(ms for _, ms, _ in kernels)
+            for kernel, ms, count in sorted(kernels, key=lambda x: -x[1]):
+                if ms >= 0.005:
+                    rows.append({"op": op, "impl": name, "kernel": kernel[:60], "calls": count, "ms": round(ms, 3),
+                                 "share": round(ms / total, 3)})
+            rows.append({"op": op, "impl": name, "kernel": "TOTAL", "calls": 0, "ms": round(total, 3), "share": 1.0})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del q, k, v, extra, leaves
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["check", "bench", "decode", "compile", "crossover"])
+    p.add_argument("what", choices=["check", "bench", "decode", "compile", "crossover", "profile", "tune"])
     p.add_argument("--out", default=".", help="directory for the table (.md) and rows (.json)")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -357,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-kernel fields of linmix.ops.gla.triton.LAUNCH, e.g. '{\"dv\": {\"num_warps\": 4}}'")
     p.add_argument("--variants", nargs="+", metavar="JSON",
                    help="check --isolate: run every case under each --delta-launch variant; writes the first "
-                        "variant that passes everywhere to OUT/best_launch.json")
+                        "variant that passes everywhere to OUT/best_launch.json. tune: the launches to time")
     p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
                    help="layers for the compile check")
     p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")
@@ -369,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_delta_launch(args.delta_launch)
         apply_gla_launch(args.gla_launch)
     rows = {"check": check, "bench": bench, "decode": decode, "compile": compile_check,
-            "crossover": crossover}[args.what](args)
+            "crossover": crossover, "profile": profile, "tune": tune}[args.what](args)
     import triton
 
     head = (f"# {args.what}: {date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
