@@ -123,8 +123,8 @@ def test_without_initial_state_and_unused_final_state():
 
 def test_other_tile_widths(monkeypatch):
     """Results do not depend on the launch parameters: narrower tiles per kernel (more K / V loop steps, b padded
-    to the widest K tile, head dims not a multiple of any tile)."""
-    tiles = {"states": (16, 16), "outputs": (32, 16), "dv": (16, 32), "dqk": (16, 64)}
+    to the widest K tile of the kernels that load it, head dims not a multiple of any tile)."""
+    tiles = {"states": (16, 16), "outputs": (32, 16), "dv": (16, 32), "dA": (64, 16), "dqk": (16, 64)}
     for name, (block_k, block_v) in tiles.items():
         monkeypatch.setattr(gla_triton.LAUNCH.kernels[name], "block_k", block_k)
         monkeypatch.setattr(gla_triton.LAUNCH.kernels[name], "block_v", block_v)

@@ -8,10 +8,10 @@ one ``exp2``), h_n the state entering chunk n, products with exp(.) taken per ke
               O = (Q * exp(b)) h_n + A V,  A_ij = sum_k q_ik k_jk exp(b_ik - b_jk), i >= j  (chunk_outputs)
     backward  dh_{n-1} = exp(b_C) * dh_n + (Q * exp(b))^T dO                      (pass_states_bwd)
               dv = (K * exp(b_C - b)) dh_n + A^T dO                              (chunk_dv)
-              dA = (dO V^T) masked to i >= j                                     (chunk_dqk)
+              dA = (dO V^T) masked to i >= j                                     (chunk_dA)
               dq_i = exp(b_i) * (h_n do_i) + sum_{j <= i} dA_ij k_j * exp(b_i - b_j)
               dk_j = exp(b_C - b_j) * (dh_n v_j) + sum_{i >= j} dA_ij q_i * exp(b_i - b_j)
-              dg_s = sum_{t >= s, t in chunk n} (q_t dq_t - k_t dk_t) + R_n       (chunk_dqk)
+              dg_s = sum_{t >= s, t in chunk n} (q_t dq_t - k_t dk_t) + R_n       (chunk_dqk, with dq, dk)
 
 where dh_n is the gradient of the state *leaving* chunk n through the later chunks (the incoming
 gradient of the final state for the last chunk) and R_n[k] = sum_v dh_n[k, v] h_{n+1}[k, v]: the
@@ -41,10 +41,11 @@ the chunk is cut into sub-blocks of S = 16 positions:
 
 Matmuls run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with float32 accumulation; float32
 inputs use ``input_precision="ieee"``. Scans, gates, decays and every elementwise product are
-float32; ``o`` has v's dtype. The materialised states h, dh and the saved scores A are stored in
-the input dtype, which is the dtype every consumer casts them to before its ``tl.dot`` (the same
-rounding at the store instead of at the load, half the traffic for 16-bit inputs); the final state
-and d initial_state are float32.
+float32; ``o`` has v's dtype. The materialised states h, dh, the saved scores A and their gradient dA
+are stored in the input dtype, which is the dtype every consumer casts them to before its ``tl.dot``
+(the same rounding at the store instead of at the load, half the traffic for 16-bit inputs; the
+elementwise diagonal sub-blocks and the i = j terms of dA are read back rounded too, well inside the
+16-bit budget); the final state and d initial_state are float32.
 
 Kernels (the math step each computes, and its grid):
 
@@ -57,7 +58,10 @@ Kernels (the math step each computes, and its grid):
   backward) and O (V looped); one program per chunk, so A is computed once; (NT, B*H).
 * ``_pass_states_bwd_kernel``  the reverse scan; stores dh [B*H, NT, K, V] and d initial_state; (NK, NV, B*H).
 * ``_chunk_dv_kernel``         dv from dh and the saved A; (NV, NT, B*H).
-* ``_chunk_dqk_kernel``        dA, dq, dk and the chunk-local dg; (NK, NT, B*H).
+* ``_chunk_dA_kernel``         dA = scale * (dO V^T), masked, stored [B*H, NT*C, C] like A (V looped); one
+  program per chunk, so dA is computed once, not once per K tile of the next kernel; (NT, B*H).
+* ``_chunk_dqk_kernel``        dq, dk and the chunk-local dg from dA (loaded, dA^T by a transposed pointer
+  load) and the inter-chunk parts (V looped); (NK, NT, B*H).
 
 Launch parameters (chunk size, tile widths, warps, stages) are in :data:`LAUNCH`.
 
@@ -127,8 +131,9 @@ class LaunchConfig:
     Attributes:
         chunk_size: tokens per chunk when the caller passes ``chunk_size=None`` (rounded down to a power of
             two in [16, 128]; 64 fits the registers, 128 spills).
-        kernels: per kernel: "states" (both state scans), "outputs", "dv", "dqk"; "cumsum" uses only
-            ``num_warps`` (its tile is the widest block_k, which sets how far b is padded along K).
+        kernels: per kernel: "states" (both state scans), "outputs", "dv", "dA", "dqk"; "cumsum" uses only
+            ``num_warps`` (its tile is the widest block_k of the kernels that load b, which sets how far b is
+            padded along K); "dA" has no K tile (it uses block_v, num_warps and num_stages).
     """
 
     # Defaults: the widest tiles that compile for sm_90 (Triton 3.6 and 3.9, bf16, K = V = 128, C = 64) without
@@ -139,12 +144,14 @@ class LaunchConfig:
         "states": KernelLaunch(num_warps=8),
         "outputs": KernelLaunch(block_k=32, num_warps=8, num_stages=1),
         "dv": KernelLaunch(num_warps=8),
+        "dA": KernelLaunch(num_warps=4),
         "dqk": KernelLaunch(block_k=32, num_warps=8, num_stages=1),
     })
 
 
 LAUNCH = LaunchConfig()
 SUB_CHUNK = 16  # secondary chunk of the intra-chunk scores (KERNELS.md section 2); also tl.dot's minimum
+_READS_B = ("states", "outputs", "dv", "dqk")  # the kernels that load b in K tiles (b is padded to the widest)
 
 # Layouts (row = token): q, k, g [B, T, H, K] and v, o [B, T, H, V] as given; b [B*H, NT*C, Kp] and the
 # scores A [B*H, NT*C, C] (one contiguous block per chunk); h, dh [B*H, NT, K, V].
@@ -388,11 +395,35 @@ def _chunk_dv_kernel(k, b, A, do, dh, dv, T, Tp, NT,
 
 
 @triton.jit
-def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
+def _chunk_dA_kernel(v, do, dA, scale, T, Tp, H: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BV: tl.constexpr, PREC: tl.constexpr):
+    """dA = scale * (dO V^T) for one chunk (V looped), lower triangle with the diagonal (zero above),
+    stored in the input dtype like the forward's A: [B*H, NT*C, C], rows past T zero."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    m_c = (i_t * C + o_c) < T
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
+
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_cv = m_c[:, None] & (o_v < V)[None, :]
+        vt = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_cv, other=0.0)
+        d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_cv, other=0.0)
+        acc = tl.dot(d_o, tl.trans(vt), acc, input_precision=PREC)
+    acc = tl.where(o_c[:, None] >= o_c[None, :], acc, 0.0) * scale
+    p_dA = dA + (i_bh.to(tl.int64) * Tp + i_t * C) * C
+    tl.store(p_dA + o_c[:, None] * C + o_c[None, :], acc.to(dA.dtype.element_ty))
+
+
+@triton.jit
+def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, T, Tp, NT,
                       H: tl.constexpr, K: tl.constexpr, Kp: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       S: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DG: tl.constexpr,
                       PREC: tl.constexpr):
-    """dq, dk and the chunk-local dg for one chunk and K block (V looped for dA = dO V^T and the inter parts)."""
+    """dq, dk and the chunk-local dg for one chunk and K block (V looped for the inter-chunk parts), from the
+    chunk's dA of :func:`_chunk_dA_kernel`."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     dt = k.dtype.element_ty
@@ -403,16 +434,12 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
     m_ck = m_c[:, None] & m_k[None, :]
     row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
     p_b = b + (i_bh.to(tl.int64) * Tp + i_t * C) * Kp
+    p_dA = dA + (i_bh.to(tl.int64) * Tp + i_t * C) * C  # this chunk's [C, C] block of dA (scaled, zero above)
     state_base = (i_bh.to(tl.int64) * NT + i_t) * K * V
 
-    # Inter-chunk parts and dA, V looped; sum_v dh_n * h_n for the gate gradient's boundary term.
+    # Inter-chunk parts, V looped; sum_v dh_n * h_n for the gate gradient's boundary term.
     acc_dq = tl.zeros([C, BK], dtype=tl.float32)
     acc_dk = tl.zeros([C, BK], dtype=tl.float32)
-    dscores = tl.zeros([C, C], dtype=tl.float32)
-    # dA^T is computed by its own dot from loaded tiles rather than as tl.trans of dA: on Hopper, Triton
-    # 3.4-3.7.0 miscompiles a dot operand that is the transpose of another dot's result (seen here as an
-    # illegal memory access at K = 128; fla's gated backward is refused on these versions for the same bug).
-    dscores_t = tl.zeros([C, C], dtype=tl.float32)
     dh_dot_h = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -425,14 +452,10 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
         dh_t = tl.load(dh + state_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)  # dh^T
         acc_dq = tl.dot(d_o, h_t.to(d_o.dtype), acc_dq, input_precision=PREC)
         acc_dk = tl.dot(vt, dh_t.to(vt.dtype), acc_dk, input_precision=PREC)
-        dscores = tl.dot(d_o, tl.trans(vt), dscores, input_precision=PREC)
-        dscores_t = tl.dot(vt, tl.trans(d_o), dscores_t, input_precision=PREC)
         dh_dot_h += tl.sum(dh_t.to(tl.float32) * h_t.to(tl.float32), axis=0)
-    dscores_t = tl.where(o_c[:, None] < o_c[None, :], dscores_t, 0.0) * scale
 
     # The i = j terms (decay 1) are kept apart: they cancel exactly in the gate gradient (module docstring).
-    ds_self = tl.sum(tl.where(o_c[:, None] == o_c[None, :], dscores, 0.0), axis=1) * scale
-    dscores = tl.where(o_c[:, None] > o_c[None, :], dscores, 0.0) * scale
+    ds_self = tl.load(p_dA + o_c * (C + 1)).to(tl.float32)  # dA_ii
 
     # Diagonal sub-blocks, elementwise, with the running decay of the forward kernel (first, while few
     # [C, BK] tiles are live).
@@ -440,8 +463,8 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
     o_s3 = tl.arange(0, S)[None, :, None]
     o_sc = tl.arange(0, S)[None, None, :]
     rows_left3 = T - i_t * C - o_n3 * S
-    ds4 = tl.reshape(dscores, [NC, S, NC, S])
-    ds_diag = tl.sum(tl.where(o_n3[:, :, :, None] == tl.arange(0, NC)[None, None, :, None], ds4, 0.0), axis=2)
+    # dA of the diagonal sub-blocks [block, row i, column j], i > j only (the i = j terms are ds_self).
+    ds_diag = tl.load(p_dA + (o_n3 * S + o_s3) * C + o_n3 * S + o_sc, mask=o_s3 > o_sc, other=0.0).to(tl.float32)
     o_k3 = o_k[None, None, :]
     m_k3 = o_k3 < K
     q3 = tl.load(q + row0 * K + (o_n3 * S + o_s3) * (H * K) + o_k3, mask=(o_s3 < rows_left3) & m_k3, other=0.0)
@@ -474,11 +497,16 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dq, dk, dg, scale, T, Tp, NT,
     q_factor = tl.exp2(bt - tl.load(p_b + ((o_c // S) * S)[:, None] * Kp + o_k[None, :]))
     q_ref = (qt * q_factor).to(dt)
     dq_ref = tl.zeros([C, BK], dtype=tl.float32)
+    # dA^T is a transposed pointer load of the stored dA: never a tl.dot operand that is tl.trans of another
+    # dot's result, which Triton 3.4-3.7.0 miscompiles on Hopper (seen as an illegal memory access at K = 128;
+    # fla's gated backward is refused on these versions for the same bug).
     for I in tl.static_range(1, NC):
         b_r = tl.load(p_b + I * S * Kp + o_k)
         k_factor = tl.exp2(tl.where(o_c[:, None] < I * S, b_r[None, :] - bt, float("-inf")))
-        dA_I = tl.where((o_c // S == I)[:, None], dscores, 0.0).to(dt)
-        dA_I_t = tl.where((o_c // S == I)[None, :], dscores_t, 0.0).to(dt)  # = tl.trans(dA_I), see above
+        m_IJ = (o_c // S == I)[:, None] & (o_c < I * S)[None, :]  # rows of block I, columns before it
+        dA_I = tl.load(p_dA + o_c[:, None] * C + o_c[None, :], mask=m_IJ, other=0.0).to(dt)
+        m_JI = (o_c < I * S)[:, None] & (o_c // S == I)[None, :]  # the same entries, transposed
+        dA_I_t = tl.load(p_dA + o_c[None, :] * C + o_c[:, None], mask=m_JI, other=0.0).to(dt)  # dA_I^T
         dq_ref = tl.dot(dA_I, (kt * k_factor).to(dt), dq_ref, input_precision=PREC)
         d_k += k_factor * tl.dot(dA_I_t, q_ref, input_precision=PREC)
     d_q += q_factor * dq_ref
@@ -523,7 +551,7 @@ class _Sizes:
         self.Tp = self.NT * self.C
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit inputs
         self.launch = {name: dataclasses.replace(kl) for name, kl in LAUNCH.kernels.items()}
-        self.BKp = max(_block(self.K, kl.block_k) for name, kl in self.launch.items() if name != "cumsum")
+        self.BKp = max(_block(self.K, self.launch[name].block_k) for name in _READS_B)
         self.Kp = triton.cdiv(self.K, self.BKp) * self.BKp  # b padded along K to whole tiles of every kernel
 
     def tiles(self, kernel: str) -> tuple[int, int]:
@@ -577,11 +605,19 @@ def _chunk_dv(k, b, A, do, dh, s: _Sizes):
     return dv
 
 
-def _chunk_dqk(q, k, v, b, h, do, dh, scale, s: _Sizes, g_dtype: torch.dtype | None):
+def _chunk_dA(v, do, scale, s: _Sizes):
+    dA = v.new_empty(s.B * s.H, s.Tp, s.C)  # input dtype, like the forward's A
+    kl = s.launch["dA"]
+    _chunk_dA_kernel[(s.NT, s.B * s.H)](v, do, dA, scale, s.T, s.Tp, H=s.H, V=s.V, C=s.C, BV=_block(s.V, kl.block_v),
+                                        PREC=s.prec, **kl.options())
+    return dA
+
+
+def _chunk_dqk(q, k, v, b, h, do, dh, dA, scale, s: _Sizes, g_dtype: torch.dtype | None):
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = q.new_empty(q.shape, dtype=g_dtype) if g_dtype is not None else None
     _chunk_dqk_kernel[(s.tiles("dqk")[0], s.NT, s.B * s.H)](
-        q, k, v, b, h, do, dh, dq, dk, dg, scale, s.T, s.Tp, s.NT, S=SUB_CHUNK, NC=s.C // SUB_CHUNK,
+        q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, s.T, s.Tp, s.NT, S=SUB_CHUNK, NC=s.C // SUB_CHUNK,
         STORE_DG=dg is not None, **s.consts("dqk"))
     return dq, dk, dg
 
@@ -626,7 +662,9 @@ def _backward(inputs, saved, grads, consts, needs):
     h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False)
     dh, dh0 = _pass_states_bwd(q, b, do, dht, scale, s, store_initial_grad=needs[4])
     dv = _chunk_dv(k, b, A, do, dh, s)
-    dq, dk, dg = _chunk_dqk(q, k, v, b, h, do, dh, scale, s, g.dtype if needs[3] else None)
+    dA = _chunk_dA(v, do, scale, s)  # once per chunk, read by every K tile of the dq / dk kernel
+    dq, dk, dg = _chunk_dqk(q, k, v, b, h, do, dh, dA, scale, s, g.dtype if needs[3] else None)
+    del dA  # [B*H, NT*C, C]: not kept past the kernel that reads it
     if dh0 is not None:
         dh0 = dh0.to(h0.dtype)
     return dq, dk, dv, dg, dh0
