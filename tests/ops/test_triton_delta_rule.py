@@ -171,3 +171,34 @@ def test_launch_settings_avoid_the_hopper_miscompilations():
         scan = s.consts(s.scan_warps, scan=True)
         assert scan["num_warps"] == warps and scan.get("num_stages") == stages, (K, scan)
         assert s.consts(s.cfg.warps_grads)["num_warps"] <= 4
+        assert s.consts(s.cfg.warps_score_grads)["num_warps"] <= 4
+
+
+def test_scan_tile_shrinks_for_few_heads():
+    """Few (batch, head) pairs: the scans' V tile halves until they run ``scan_min_programs`` programs (or reach 16)."""
+    cfg = delta_rule_triton.LAUNCH
+    for BH, V in ((128, 128), (32, 128), (2, 128), (1, 16)):
+        q, v = torch.zeros(1, 64, BH, 128), torch.zeros(1, 64, BH, V)
+        s = delta_rule_triton._Sizes(q, v)
+        programs = BH * s.scan_NV
+        assert s.scan_BV <= cfg.scan_block_v and (programs >= cfg.scan_min_programs or s.scan_BV == 16), (BH, s.scan_BV)
+        assert s.scan_BV == cfg.scan_block_v or BH * triton_cdiv(V, 2 * s.scan_BV) < cfg.scan_min_programs, (BH, s.scan_BV)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_backward_without_the_kept_solve(gated):
+    """A forward run without ``keep_solve`` leaves the backward to recompute A and b: the same gradients as the
+    reference (the normal path, A and b kept from the forward, is what the other tests run)."""
+    x = make_inputs(B=1, T=70, K=16, V=16, gated=gated)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    op_args = dict(g=None, initial_state=None) | leaves
+    o, ht = delta_rule_triton.delta_rule_op(**op_args, scale=16 ** -0.5, output_final_state=True, keep_solve=False)
+    grad_o, grad_ht = torch.randn_like(o), torch.randn_like(ht)
+    got = dict(zip(leaves, torch.autograd.grad((o, ht), list(leaves.values()), (grad_o, grad_ht))))
+    _, _, ref = fwd_bwd(delta_rule, x, grad_o, grad_ht, output_final_state=True, backend="reference")
+    for name, g in ref.items():
+        assert rel_err(got[name], g) < INTERP_TOL, name

@@ -51,27 +51,35 @@ Kernels (the math step each computes, and its grid):
 * ``_chunk_outputs_kernel``     O; (NV, NT, B*H).
 * ``_chunk_du_local_kernel``    P^T dO; (NV, NT, B*H).
 * ``_pass_states_bwd_kernel``   the reverse scan: stores dh_n and dX2, and d initial_state; (NV, B*H).
-* ``_chunk_grads_kernel``       dq, dk, dv and each K block's part of dbeta and db; (NK, NT, B*H).
-* ``_gate_beta_grads_kernel``   sums the K blocks' parts; dg by the in-chunk reverse cumsum; (NT, B).
+* ``_chunk_score_grads_kernel`` the chunk's [C, C] gradients dP = (dO U^T) o D and dM = diag(beta)
+  (dL o Gamma) (stored, input dtype), and the L path's parts of dbeta and db; (NT, B*H).
+* ``_chunk_grads_kernel``       dq, dk, dv and each K block's part of dbeta and db, with dP, dM and
+  their transposes loaded (a transposed load, not a transposed dot result); (NK, NT, B*H).
+* ``_gate_beta_grads_kernel``   sums the parts; dg by the in-chunk reverse cumsum; (NT, B).
 
-The backward recomputes A, h and U (one more solve and forward scan) rather than keeping them
-alive from the forward. The gate flag ``USE_G`` is a constexpr: DeltaNet (g None) compiles the
+The forward keeps A and b for the backward when there is one (A is C = 64 values per token and
+head, half of k's bytes at K = 128; recomputing it cost 1.1 ms of 9.2 at the standard shape on the
+H200); the backward recomputes h and U (one more forward scan) rather than keeping the
+[B, H, NT, K, V] states alive between the passes. The [C, C] gradients are formed once per chunk
+(``_chunk_score_grads_kernel``), not once per K block of the gradient kernel, which also keeps
+that kernel's live accumulators to three [C, BK] tiles (with seven, it spilled: gated 6.3 ms
+against 2.6 ungated, now 1.5 / 1.3 ms). The gate flag ``USE_G`` is a constexpr: DeltaNet (g None) compiles the
 gate loads and exps out.
 
 Precision: the per-chunk kernels run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with
 float32 accumulation; float32 inputs use ``input_precision="ieee"`` (exact, no TF32). L, the
-solve and A are float32 ("ieee" products); A is stored in the input dtype. In the two sequential
-scans the state, the residual, U and dU feed each other, and rounding them to bf16 for the
-tensor cores costs much accuracy (with exact scans the final state's relative error was 1.5e-4
-instead of 8.8e-3, o's 9e-3 instead of 1.2e-2; interpreter, bf16 inputs, T = 192). So for
-16-bit inputs each float32 operand of a scan's dot is split into two 16-bit parts (hi + lo,
-two 16-bit products, about 16 mantissa bits; ``LAUNCH.scan_precision``), while the key, query
-and A tiles enter as loaded; the scans are latency-bound, so the extra products are cheap. h, U,
-dh and dX2 are stored in the input dtype (the rounding every per-chunk consumer applies before
-its ``tl.dot`` anyway). The scans' states, gates, decays, the final state and d initial_state
-are float32; ``o`` has v's dtype. Measured against the float32 reference on the same bf16
-inputs (interpreter, K = V = 64, T = 192 and K = V = 128, T = 256): relative L2 errors 7e-3 to
-1e-2 for o and every gradient, 1e-4 to 1e-3 for the final state (the weaker the decay, the larger).
+solve and A are float32; for 16-bit inputs the solve's 16 x 16 products are TF32
+(``LAUNCH.solve_precision``; exact "ieee" products took twice as long, 1.14 against 0.55 ms at the
+standard shape, and A is stored in the input dtype anyway: no change in any measured error).
+In the two sequential scans the state, the residual, U and dU feed each other in float32 and
+enter each ``tl.dot`` rounded to the input dtype by default (``LAUNCH.scan_precision = "input"``,
+as fla does); "split" keeps about 16 mantissa bits instead (each float32 operand split into two
+16-bit parts, two products) at twice the products. Measured on the H200 (bf16, K = V = 128, T up
+to 32K, against the float32 PyTorch chunk form): "input" 3.3e-3 (gated) / 5.0e-3 (DeltaNet)
+worst relative L2 error over o and every gradient, "split" 2.9e-3 / 3.2e-3; fwd+bwd 6.2 / 5.9 ms
+against 7.4 / 6.5 (standard shape, "ieee" solve, the other settings the defaults). h, U, dh and dX2 are stored in the input dtype (the
+rounding every per-chunk consumer applies before its ``tl.dot`` anyway). The scans' states,
+gates, decays, the final state and d initial_state are float32; ``o`` has v's dtype.
 
 Shapes: any K, V >= 1 (masked tiles; the per-chunk kernels loop over K and V in blocks of
 ``LAUNCH.block_k`` / ``LAUNCH.block_v``; the scans hold a [K_pad, BV] state tile, BV shrinking as
@@ -132,18 +140,20 @@ class LaunchConfig:
         block_k, block_v: K / V tile of the per-chunk kernels (powers of two >= 16; a head dim
             smaller than the tile uses the next power of two >= 16).
         grads_block_k: K tile of the gradient kernel (its programs are (K tile, chunk, head);
-            32 halves its accumulators, at the price of recomputing its [C, C] products per tile).
+            32 was slower on the H200: 8.8 against 8.0 ms fwd+bwd, gated, standard shape).
         scan_block_v: V tile of the two scans (more programs when smaller).
+        scan_min_programs: the scans' V tile is halved (down to 16) while they would run fewer
+            programs than this (B * H * V / BV; one program per SM at least on the H200's 132).
         scan_state_elems: upper bound on K_pad * BV for the scans' register state; BV shrinks
             below ``scan_block_v`` for large K (K = 256 -> 32 at the default).
         scan_precision: the float32 operands (state, residual, U, dU, ...) of the two sequential
-            scans' dots for 16-bit inputs: "split" (each split in two 16-bit parts, two 16-bit
-            products: about 16 mantissa bits, 16-bit tiles in registers), "tf32" / "tf32x3" /
-            "ieee" (float32 dots; the key, query and A tiles widened to float32), or "input"
-            (rounded to the input dtype, fla's choice; see the module docstring for the cost).
+            scans' dots for 16-bit inputs: "input" (rounded to the input dtype, fla's choice, the
+            default), "split" (each split in two 16-bit parts, two 16-bit products: about 16
+            mantissa bits, 16-bit tiles in registers), or "tf32" / "tf32x3" / "ieee" (float32
+            dots; the key, query and A tiles widened to float32); see the module docstring.
         solve_precision: ``input_precision`` of the float32 16 x 16 products of the triangular
-            solve for 16-bit inputs ("ieee": exact float32; "tf32x3" / "tf32" are faster and less
-            exact); float32 inputs always use "ieee".
+            solve for 16-bit inputs ("tf32", the default; "tf32x3" took 3x as long on the H200,
+            "ieee" 2x); float32 inputs always use "ieee".
         warps_*: ``num_warps`` of each kernel (``warps_scan_wide``: the scans' at K > 128). On
             Hopper, Triton 3.6 miscompiles these kernels with more warps: 8 warps in the scans or
             the gradient kernel, or 4 in the scans at K = 256, gave illegal memory accesses or NaN /
@@ -157,17 +167,19 @@ class LaunchConfig:
     block_k: int = 64
     block_v: int = 64
     grads_block_k: int = 64
-    scan_block_v: int = 32
+    scan_block_v: int = 64
+    scan_min_programs: int = 128
     scan_state_elems: int = 128 * 64
     warps_solve: int = 4
     warps_scan: int = 4
     warps_scan_wide: int = 2
     warps_outputs: int = 4
     warps_du_local: int = 4
+    warps_score_grads: int = 4
     warps_grads: int = 4
     warps_finish: int = 4
-    solve_precision: str = "ieee"
-    scan_precision: str = "split"
+    solve_precision: str = "tf32"
+    scan_precision: str = "input"
     stages: int | None = None
 
 
@@ -540,15 +552,73 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, s
 
 
 @triton.jit
-def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_part, dg_part, scale, T, NT,
-                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+def _chunk_score_grads_kernel(k, beta, b, u, dx2, do, dp, dm, dbeta_part, dg_part, T, NT, slot,
+                              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                              DOT: tl.constexpr):
+    """The chunk's [C, C] gradients, once per chunk for every K block of the gradient kernel:
+    dP = (dO U^T) o D and dM = diag(beta) (dL o Gamma), dL = -strictly_lower(dX2 U^T) (stored in the
+    input dtype, [B*H, NT, C, C]), and the L path's parts of dbeta (rows of dL o Gamma o K K^T) and
+    db (beta dbeta^L minus the column sums of dM o K K^T), written to the parts' last slot (``slot``: its
+    element offset, NK * B * T * H)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = dp.dtype.element_ty
+    o_c = tl.arange(0, C)
+    n_valid = tl.minimum(T - i_t * C, C)
+    m_c = o_c < n_valid
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C
+
+    d_p = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
+    d_lp = tl.zeros([C, C], dtype=tl.float32)  # dX2 U^T  (dL = -strictly_lower of it)
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                      other=0.0).to(DOT)
+        ut = tl.load(u + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(DOT)
+        dx2c = tl.load(dx2 + (hrow0 + o_c[:, None]) * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(DOT)
+        d_p = tl.dot(d_o, tl.trans(ut), d_p, input_precision=PREC)
+        d_lp = tl.dot(dx2c, tl.trans(ut), d_lp, input_precision=PREC)
+    kk = tl.zeros([C, C], dtype=tl.float32)  # K K^T
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & (o_k < K)[None, :],
+                     other=0.0).to(DOT)
+        kk = tl.dot(kt, tl.trans(kt), kk, input_precision=PREC)
+
+    beta_t = tl.load(beta + row0 + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+    b_t = tl.zeros([C], dtype=tl.float32)
+    if USE_G:
+        b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
+    p_cc = (i_bh.to(tl.int64) * NT + i_t) * C * C + o_c[:, None] * C + o_c[None, :]
+    tl.store(dp + p_cc, causal_decay(d_p, b_t, o_c, n_valid, USE_G).to(dt))
+    lower = (o_c[:, None] > o_c[None, :]) & m_c[:, None]
+    if USE_G:
+        d_lg = -d_lp * tl.exp2(tl.where(lower, b_t[:, None] - b_t[None, :], float("-inf")))
+    else:
+        d_lg = tl.where(lower, -d_lp, 0.0)
+    d_mf = d_lg * beta_t[:, None]
+    tl.store(dm + p_cc, d_mf.to(dt))
+    d_beta_l = tl.sum(d_lg * kk, axis=1)
+    part = row0 + slot + o_c * H  # (int64 through row0: an int argument equal to 1 arrives as a constant)
+    tl.store(dbeta_part + part, d_beta_l, mask=m_c)
+    if USE_G:
+        tl.store(dg_part + part, beta_t * d_beta_l - tl.sum(d_mf * kk, axis=0), mask=m_c)
+
+
+@triton.jit
+def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dp, dm, dq, dk, dv, dbeta_part, dg_part, scale, T, NT,
+                        part_stride, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
                         DOT: tl.constexpr):
     """dq, dk for one chunk and K block (V looped), dv (first K block), and the block's parts of dbeta and db.
 
-    See the module docstring for the formulas. dbeta_part and dg_part (db, the gradient of the
-    in-chunk cumulative gate, before the reverse cumsum) are [NK, B, T, H] float32; the chunk's
-    part of R_n is added to db at its last token.
+    See the module docstring for the formulas; dP and dM come from ``_chunk_score_grads_kernel``
+    (their transposes by transposed loads). dbeta_part and dg_part (db, the gradient of the
+    in-chunk cumulative gate, before the reverse cumsum) are [NK + 1, B, T, H] float32, slot i_k
+    this block's; the chunk's part of R_n is added to db at its last token.
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -571,10 +641,6 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
     acc_dq = tl.zeros([C, BK], dtype=tl.float32)  # dO h^T
     acc_dkh = tl.zeros([C, BK], dtype=tl.float32)  # U dh^T
     acc_dx1 = tl.zeros([C, BK], dtype=tl.float32)  # dX2 h^T  (= -dX1)
-    d_p = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
-    d_p_t = tl.zeros([C, C], dtype=tl.float32)  # U dO^T = (dO U^T)^T, by its own dot
-    d_lp = tl.zeros([C, C], dtype=tl.float32)  # dX2 U^T  (dL = -strictly_lower of it)
-    d_lp_t = tl.zeros([C, C], dtype=tl.float32)  # U dX2^T = (dX2 U^T)^T, by its own dot
     xv = tl.zeros([C], dtype=tl.float32)  # dX2 . v
     hdh = tl.zeros([BK], dtype=tl.float32)  # <h, dh> over this K block, per key
     for i_v in range((V + BV - 1) // BV):
@@ -593,10 +659,6 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
         acc_dq = tl.dot(d_o, h_t.to(DOT), acc_dq, input_precision=PREC)
         acc_dkh = tl.dot(ut, dh_t.to(DOT), acc_dkh, input_precision=PREC)
         acc_dx1 = tl.dot(dx2c, h_t.to(DOT), acc_dx1, input_precision=PREC)
-        d_p = tl.dot(d_o, tl.trans(ut), d_p, input_precision=PREC)
-        d_p_t = tl.dot(ut, tl.trans(d_o), d_p_t, input_precision=PREC)
-        d_lp = tl.dot(dx2c, tl.trans(ut), d_lp, input_precision=PREC)
-        d_lp_t = tl.dot(ut, tl.trans(dx2c), d_lp_t, input_precision=PREC)
         xv += tl.sum(dx2f * vt.to(tl.float32), axis=1)
         hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), axis=0)
         tl.store(dv + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], (dx2f * beta_t[:, None]).to(dt),
@@ -604,7 +666,6 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
 
     qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
     kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0)
-    b_t = tl.zeros([C], dtype=tl.float32)
     decay_c = 1.0
     if USE_G:
         b_t = tl.load(b + row0 + o_c * H, mask=m_c, other=0.0)
@@ -614,11 +675,12 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
         acc_dq *= e_b[:, None]
         acc_dkh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
         acc_dx1 *= e_b[:, None]  # now dX2 h^T exp(b): the key path of X1 = diag(beta) K exp(b)
-    # output path: dq = scale [exp(b) dO h^T + ((dO U^T) o D) K],  dk = scale ((dO U^T) o D)^T Q
-    d_p = causal_decay(d_p, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
-    d_p_t = causal_decay_t(d_p_t, b_t, o_c, n_valid, USE_G).to(dt).to(DOT)
-    d_q = scale * tl.dot(d_p, kt.to(DOT), acc_dq, input_precision=PREC)
-    d_k = scale * tl.dot(d_p_t, qt.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+    # output path: dq = scale [exp(b) dO h^T + dP K],  dk = scale dP^T Q
+    p_cc = dp + (i_bh.to(tl.int64) * NT + i_t) * C * C
+    offs_cc, offs_cc_t = o_c[:, None] * C + o_c[None, :], o_c[None, :] * C + o_c[:, None]
+    d_q = scale * tl.dot(tl.load(p_cc + offs_cc).to(DOT), kt.to(DOT), acc_dq, input_precision=PREC)
+    d_k = scale * tl.dot(tl.load(p_cc + offs_cc_t).to(DOT), qt.to(DOT), tl.zeros([C, BK], dtype=tl.float32),
+                         input_precision=PREC)
     # state path: dk += exp(b_C - b) U dh^T
     d_k += acc_dkh
     kf = kt.to(tl.float32)
@@ -627,34 +689,21 @@ def _chunk_grads_kernel(q, k, v, beta, b, h, dh, u, dx2, do, dq, dk, dv, dbeta_p
     r_n = decay_c * tl.sum(hdh, axis=0) + tl.sum(tl.sum(kf * acc_dkh, axis=1), axis=0)
     # WY path, X1 = diag(beta exp(b)) K, dX1 = -dX2 h^T:  dk += diag(beta exp(b)) dX1,  dbeta += rows of dX1 . K exp(b)
     d_k -= acc_dx1 * beta_t[:, None]
-    d_beta_k = -tl.sum(acc_dx1 * kf, axis=1)  # this K block's part of dbeta (X1 and L)
-    # L = strictly_lower(diag(beta) ((K K^T) o Gamma)), dL = -strictly_lower(dX2 U^T):
-    # dbeta += rows of (dL o Gamma o K K^T),  dk += (dM + dM^T) K  with dM = diag(beta) (dL o Gamma)
-    lower = (o_c[:, None] > o_c[None, :]) & m_c[:, None]
-    upper = (o_c[None, :] > o_c[:, None]) & m_c[None, :]  # the transposed mask, for dL^T from d_lp_t
-    if USE_G:
-        d_lg = -d_lp * tl.exp2(tl.where(lower, b_t[:, None] - b_t[None, :], float("-inf")))
-        d_lg_t = -d_lp_t * tl.exp2(tl.where(upper, b_t[None, :] - b_t[:, None], float("-inf")))
-    else:
-        d_lg = tl.where(lower, -d_lp, 0.0)
-        d_lg_t = tl.where(upper, -d_lp_t, 0.0)
+    d_beta_k = -tl.sum(acc_dx1 * kf, axis=1)  # this K block's X1 part of dbeta (the L part: score kernel)
+    # L path: dk += (dM + dM^T) K
     kd = kt.to(DOT)
-    kk = tl.dot(kd, tl.trans(kd), tl.zeros([C, C], dtype=tl.float32), input_precision=PREC)  # this K block's part
-    d_beta_k += tl.sum(d_lg * kk, axis=1)
-    d_mf = d_lg * beta_t[:, None]
-    d_m = d_mf.to(dt).to(DOT)
-    d_k = tl.dot(d_m, kd, d_k, input_precision=PREC)
-    d_k = tl.dot((d_lg_t * beta_t[None, :]).to(dt).to(DOT), kd, d_k, input_precision=PREC)  # dM^T K
+    p_cc = dm + (i_bh.to(tl.int64) * NT + i_t) * C * C
+    d_k = tl.dot(tl.load(p_cc + offs_cc).to(DOT), kd, d_k, input_precision=PREC)
+    d_k = tl.dot(tl.load(p_cc + offs_cc_t).to(DOT), kd, d_k, input_precision=PREC)
 
     offs = row0 * K + o_c[:, None] * (H * K) + o_k[None, :]
     tl.store(dq + offs, d_q.to(dt), mask=m_ck)
     tl.store(dk + offs, d_k.to(dt), mask=m_ck)
-    part = i_k.to(tl.int64) * tl.num_programs(2) * T + row0 + o_c * H  # [NK, B, T, H] (B*H*T = grid * T)
+    part = i_k.to(tl.int64) * part_stride + row0 + o_c * H  # [NK + 1, B, T, H]
     tl.store(dbeta_part + part, d_beta_k + first * xv, mask=m_c)
     if USE_G:
-        # gate, WY path: exp(b) in X1 and Gamma_ti = exp(b_t - b_i) in L give beta (dbeta's X1 and L parts)
-        # minus the column sums of dM o K K^T; R_n enters at the chunk's last token
-        d_b += beta_t * d_beta_k - tl.sum(d_mf * kk, axis=0)
+        # gate, X1 path: exp(b) in X1 gives beta times dbeta's X1 part; R_n enters at the chunk's last token
+        d_b += beta_t * d_beta_k
         d_b += tl.where(o_c == n_valid - 1, r_n, 0.0)
         tl.store(dg_part + part, d_b, mask=m_c)
 
@@ -707,6 +756,8 @@ class _Sizes:
         self.NK = triton.cdiv(self.K, self.grads_BK)  # the gradient kernel's K tiles
         self.KP = max(16, triton.next_power_of_2(self.K))
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
+        while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
+            self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
         # Scans at K > 128: fewer warps (Hopper miscompiles 4 there, see LaunchConfig), and no software
         # pipelining unless asked for -- their [C, K] key / query tiles, buffered per pipeline stage,
@@ -790,10 +841,15 @@ def _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s: _Sizes, stor
 
 def _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s: _Sizes):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbeta_part = q.new_empty(s.NK, s.B, s.T, s.H, dtype=torch.float32)
+    dbeta_part = q.new_empty(s.NK + 1, s.B, s.T, s.H, dtype=torch.float32)  # NK gradient blocks + the L path
     dg_part = torch.empty_like(dbeta_part) if b is not None else None
+    dp, dm = q.new_empty(s.B * s.H, s.NT, s.C, s.C), q.new_empty(s.B * s.H, s.NT, s.C, s.C)
+    stride = s.B * s.T * s.H
+    _chunk_score_grads_kernel[(s.NT, s.B * s.H)](
+        k, beta, b, U, dx2, do, dp, dm, dbeta_part, dg_part, s.T, s.NT, s.NK * stride, USE_G=b is not None,
+        **s.consts(s.cfg.warps_score_grads, BK=s.BK, BV=s.BV))
     _chunk_grads_kernel[(s.NK, s.NT, s.B * s.H)](
-        q, k, v, beta, b, h, dh, U, dx2, do, dq, dk, dv, dbeta_part, dg_part, scale, s.T, s.NT,
+        q, k, v, beta, b, h, dh, U, dx2, do, dp, dm, dq, dk, dv, dbeta_part, dg_part, scale, s.T, s.NT, stride,
         USE_G=b is not None, **s.consts(s.cfg.warps_grads, BK=s.grads_BK, BV=s.BV))
     return dq, dk, dv, dbeta_part, dg_part
 
@@ -801,7 +857,7 @@ def _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s: _Sizes):
 def _gate_beta_grads(dbeta_part, dg_part, beta_dtype, g_dtype, s: _Sizes):
     dbeta = dbeta_part.new_empty(s.B, s.T, s.H, dtype=beta_dtype)
     dg = None if dg_part is None else dbeta_part.new_empty(s.B, s.T, s.H, dtype=g_dtype)
-    _gate_beta_grads_kernel[(s.NT, s.B)](dbeta_part, dg_part, dbeta, dg, s.T, s.NK, s.B * s.T * s.H, H=s.H,
+    _gate_beta_grads_kernel[(s.NT, s.B)](dbeta_part, dg_part, dbeta, dg, s.T, s.NK + 1, s.B * s.T * s.H, H=s.H,
                                          C=s.C, BH=triton.next_power_of_2(s.H), USE_G=dg_part is not None,
                                          num_warps=s.cfg.warps_finish)
     return dbeta, dg
@@ -811,28 +867,34 @@ def _gate_beta_grads(dbeta_part, dg_part, beta_dtype, g_dtype, s: _Sizes):
 # Autograd
 # --------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, beta, g, initial_state, scale, output_final_state):
-    """(o, final state or None) of the chunked (gated) delta rule on a dense batch; g None: DeltaNet."""
+def _forward(q, k, v, beta, g, initial_state, scale, output_final_state, keep_solve):
+    """(o, final state or None, A or None, b or None) of the chunked (gated) delta rule on a dense batch;
+    g None: DeltaNet. With ``keep_solve`` A and b are returned for the backward (which then skips the solve)."""
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     g = None if g is None else g.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     s = _Sizes(q, v)
     b, A = _chunk_solve(k, beta, g, s)
     h, U, ht = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
-    del A
-    return _chunk_outputs(q, k, U, b, h, scale, s, v.dtype), ht
+    o = _chunk_outputs(q, k, U, b, h, scale, s, v.dtype)
+    return (o, ht, A, b) if keep_solve else (o, ht, None, None)
 
 
-def _fake_forward(q, k, v, beta, g, initial_state, scale, output_final_state):
-    B, _, H, K = q.shape
+def _fake_forward(q, k, v, beta, g, initial_state, scale, output_final_state, keep_solve):
+    B, T, H, K = q.shape
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
-    return torch.empty_like(v), ht
+    A = b = None
+    if keep_solve:
+        A = k.new_empty(B * H, -(-T // CHUNK), CHUNK, CHUNK)
+        b = None if g is None else q.new_empty(B, T, H, dtype=torch.float32)
+    return torch.empty_like(v), ht, A, b
 
 
 def _backward(inputs, saved, grads, consts, needs):
-    """Gradients of (q, k, v, beta, g, initial_state) given those of (o, final state)."""
+    """Gradients of (q, k, v, beta, g, initial_state) given those of (o, final state); saved = [A, b]
+    from the forward (None when it ran without ``keep_solve``: recomputed)."""
     q, k, v, beta, g, h0 = (inputs[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
-    do, dht = grads
+    (A, b), (do, dht) = saved, grads
     scale = consts["scale"]
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     g = None if g is None else g.contiguous()
@@ -840,8 +902,9 @@ def _backward(inputs, saved, grads, consts, needs):
     s = _Sizes(q, v)
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    # Recompute A, h and U rather than keeping them alive from the forward.
-    b, A = _chunk_solve(k, beta, g, s)
+    if A is None:
+        b, A = _chunk_solve(k, beta, g, s)
+    # Recompute h and U rather than keeping [B, H, NT, K, V] alive between the passes.
     h, U, _ = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)
     du_local = _chunk_du_local(q, k, b, do, scale, s)
     dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s, store_initial_grad=needs[5])
@@ -860,12 +923,14 @@ if HAS_TRITON:
     delta_rule_op = TritonOp(
         "delta_rule_chunk",
         "Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, float scale, "
-        "bool output_final_state", 2, forward=_forward, backward=_backward, fake_forward=_fake_forward)
+        "bool output_final_state, bool keep_solve", 2, forward=_forward, backward=_backward, fake_forward=_fake_forward)
 
 
 def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
+    # A and b (a quarter of q's bytes at K = 128, and [B, T, H]) are kept for the backward when there is one
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, g, initial_state))
     o, ht = delta_rule_op(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, scale=float(scale),
-                          output_final_state=output_final_state)
+                          output_final_state=output_final_state, keep_solve=keep)
     return o, ht
 
 
