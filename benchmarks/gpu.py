@@ -363,7 +363,7 @@ def _max_error(op: str, B: int, T: int) -> float:
 def tune(args) -> list[dict]:
     """Each --variants launch (JSON; a delta-rule LaunchConfig object for the delta ops, a per-kernel
     object for gla; ``{}`` is the default launch), in one process: max error at 1 x 4096 and
-    fwd / fwd+bwd ms at B = 8, T = 8192.
+    fwd / fwd+bwd ms at ``--tune-shape`` (B x T, default 8 x 8192).
 
     Variants run in order and rows are printed as they finish; a Hopper fault ends the process (the
     rows before it are in the log), so run doubtful launches one per process.
@@ -377,7 +377,7 @@ def tune(args) -> list[dict]:
             row = {"op": op, "launch": variant}
             try:
                 row["max_err"] = _max_error(op, 1, 4096)
-                q, k, v, extra, _ = make_inputs(op, 8, 8192, 16, 128, 128, torch.bfloat16)
+                q, k, v, extra, _ = make_inputs(op, *args.tune_shape, 16, 128, 128, torch.bfloat16)
                 row["fwd_ms"], row["fwdbwd_ms"] = time_op(lambda *a, **e: call(op, "triton", *a, e), q, k, v, extra,
                                                           torch.randn_like(v))
             except Exception as e:  # noqa: BLE001 -- a compile error ends this variant only
@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                    default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
+    p.add_argument("--tune-shape", type=lambda s: tuple(int(x) for x in s.split("x")), default=(8, 8192),
+                   help="BxT of the tune timings (default: 8x8192)")
     p.add_argument("--head-dims", type=int, nargs="+", default=[128], help="K = V for check (default: 128)")
     p.add_argument("--isolate", action="store_true",
                    help="check: each case in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault ends one case only)")

@@ -136,16 +136,17 @@ class LaunchConfig:
             padded along K); "dA" has no K tile (it uses block_v, num_warps and num_stages).
     """
 
-    # Defaults: the widest tiles that compile for sm_90 (Triton 3.6 and 3.9, bf16, K = V = 128, C = 64) without
-    # register spills, or with a few bytes (ptxas -v); not yet timed against alternatives.
+    # Defaults: timed on the H200 (Triton 3.6, bf16, K = V = 128, C = 64; `benchmarks/gpu.py tune --ops gla`) and
+    # checked there at K = V = 16 to 256. Hopper miscompilations decide some of them: 8 warps in "dv" gave NaN dv at
+    # K = 32; 4 warps in "dqk" faulted (illegal memory access) at K = 128.
     chunk_size: int = 64
     kernels: dict[str, KernelLaunch] = dataclasses.field(default_factory=lambda: {
         "cumsum": KernelLaunch(num_warps=4),
         "states": KernelLaunch(num_warps=8),
-        "outputs": KernelLaunch(block_k=32, num_warps=8, num_stages=1),
-        "dv": KernelLaunch(num_warps=8),
+        "outputs": KernelLaunch(block_k=32, num_warps=4, num_stages=1),
+        "dv": KernelLaunch(num_warps=4),
         "dA": KernelLaunch(num_warps=4),
-        "dqk": KernelLaunch(block_k=32, num_warps=8, num_stages=1),
+        "dqk": KernelLaunch(block_k=64, num_warps=8, num_stages=1),
     })
 
 
@@ -457,33 +458,30 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, T, Tp, NT,
     # The i = j terms (decay 1) are kept apart: they cancel exactly in the gate gradient (module docstring).
     ds_self = tl.load(p_dA + o_c * (C + 1)).to(tl.float32)  # dA_ii
 
-    # Diagonal sub-blocks, elementwise, with the running decay of the forward kernel (first, while few
-    # [C, BK] tiles are live).
+    # Diagonal sub-blocks, elementwise, all NC of them at once, one position r of the sub-block per step:
+    #   dq_i += dA_ir exp(b_i - b_r) k_r  (rows i > r),   dk_j += dA_rj exp(b_r - b_j) q_r  (columns j < r),
+    # with dA's column r and row r loaded rather than extracted from a register tile (no reductions), and every
+    # exponent <= 0 (the others masked to -inf before exp2). Rows past T: k, q and dA are zero there.
     o_n3 = tl.arange(0, NC)[:, None, None]
     o_s3 = tl.arange(0, S)[None, :, None]
-    o_sc = tl.arange(0, S)[None, None, :]
-    rows_left3 = T - i_t * C - o_n3 * S
-    # dA of the diagonal sub-blocks [block, row i, column j], i > j only (the i = j terms are ds_self).
-    ds_diag = tl.load(p_dA + (o_n3 * S + o_s3) * C + o_n3 * S + o_sc, mask=o_s3 > o_sc, other=0.0).to(tl.float32)
+    rows3 = o_n3 * S + o_s3  # [NC, S, 1]: the chunk rows of the sub-blocks
+    rows_left3 = T - i_t * C - o_n3 * S  # rows of each sub-block inside the sequence (may be <= 0 or > S)
     o_k3 = o_k[None, None, :]
     m_k3 = o_k3 < K
-    q3 = tl.load(q + row0 * K + (o_n3 * S + o_s3) * (H * K) + o_k3, mask=(o_s3 < rows_left3) & m_k3, other=0.0)
-    q3 = q3.to(tl.float32)
-    p_kj = k + row0 * K + o_n3 * S * (H * K) + o_k3
-    p_bj = p_b + o_n3 * S * Kp + o_k3
+    b3 = tl.load(p_b + rows3 * Kp + o_k3)  # [NC, S, BK] (b is padded: no mask)
     dq3 = tl.zeros([NC, S, BK], dtype=tl.float32)
     dk3 = tl.zeros([NC, S, BK], dtype=tl.float32)
-    decay = tl.zeros([NC, S, BK], dtype=tl.float32)
-    b_next = tl.load(p_bj + (S - 1) * Kp)
     for r in range(S):
-        j = S - 1 - r
-        k_j = tl.load(p_kj + j * (H * K), mask=(j < rows_left3) & m_k3, other=0.0).to(tl.float32)
-        b_j = tl.load(p_bj + j * Kp)
-        decay = tl.where(o_s3 == j, 1.0, decay * tl.exp2(b_next - b_j))
-        w = tl.sum(tl.where(o_sc == j, ds_diag, 0.0), axis=2, keep_dims=True) * decay  # dA_ij E_ij, column j
-        dq3 += w * k_j
-        dk3 = tl.where(o_s3 == j, tl.sum(w * q3, axis=1, keep_dims=True), dk3)
-        b_next = b_j
+        row_r = o_n3 * S + r  # [NC, 1, 1]
+        m_r = (r < rows_left3) & m_k3
+        k_r = tl.load(k + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)  # [NC, 1, BK]
+        q_r = tl.load(q + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)
+        b_r = tl.load(p_b + row_r * Kp + o_k3)
+        below, above = o_s3 > r, o_s3 < r
+        dA_col = tl.load(p_dA + rows3 * C + row_r, mask=below, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_ir
+        dA_row = tl.load(p_dA + row_r * C + rows3, mask=above, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_rj
+        dq3 += dA_col * tl.exp2(tl.where(below, b3 - b_r, float("-inf"))) * k_r
+        dk3 += dA_row * tl.exp2(tl.where(above, b_r - b3, float("-inf"))) * q_r
 
     qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
     kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
@@ -695,11 +693,12 @@ def _bidirectional(q, k, v, g, *, scale, initial_state, output_final_state, chun
     return (o_fwd.float() + o_bwd.flip(1).float() - diag).to(v.dtype), None
 
 
-# On the H200 (Triton 3.6) the kernels are verified at K = V = 128, K = 96 / 64 with V = 128,
-# K = 128 with V = 64, and K = V = 16 and 256; at K = V = 32 dv came out NaN, and a GPU training run
-# with K = 16, V = 32 per head ended in a CUDA error in the backward (2026-11-30). The launch table
-# uses 8 warps, which miscompiled the delta rule's kernels on Hopper (see linmix.ops.delta_rule.triton)
-# -- the likely cause, not yet tested. Smaller key head dims run the PyTorch chunk form on CUDA.
+# On the H200 (Triton 3.6) the kernels are verified at K = V = 16, 32, 64, 128 and 256, K = 96 / 64 with
+# V = 128 and K = 128 with V = 64. With the earlier launch table (8 warps in the dv kernel) dv came out NaN at
+# K = V = 32 -- 4 warps there fixed it -- and a GPU training run with K = 16, V = 32 per head ended in a CUDA
+# error in the backward (2026-11-30). That exact shape has not been re-run with the current table, so
+# smaller key head dims still run the PyTorch chunk form on CUDA (set this to 0 to use the kernels there;
+# check first with `benchmarks/gpu.py check --isolate --force-kernels --ops gla`).
 GPU_MIN_HEAD_DIM = 64
 
 
