@@ -6,7 +6,7 @@
     python benchmarks/gpu.py compile --out DIR  # torch.compile'd layers against eager (bf16)
     python benchmarks/gpu.py crossover --out DIR  # fused recurrent vs chunk kernels at short T
     python benchmarks/gpu.py profile --out DIR [--ops ...]  # per-kernel CUDA time of fwd+bwd (B=8, T=8192)
-    python benchmarks/gpu.py tune --ops gla --variants JSON ... --out DIR  # launch variants: error and time
+    python benchmarks/gpu.py tune --isolate --ops gla --variants JSON ... --out DIR  # launch variants: error, time
 
 Every sub-command prints a markdown table and writes it (and a JSON of the rows) under --out.
 Standard shapes (DESIGN.md section 5): bf16, B*T = 65,536, H = 16, K = V = 128.
@@ -85,7 +85,7 @@ def check(args) -> list[dict]:
     rows = []
     for op, D, (B, T) in ((op, D, shape) for op in args.ops for D in args.head_dims for shape in args.shapes):
         torch.manual_seed(0)
-        q, k, v, extra, h0 = make_inputs(op, B, T, 16, D, D, torch.bfloat16, state=True)
+        q, k, v, extra, h0 = make_inputs(op, B, T, 16, *head_dims(D), torch.bfloat16, state=True)
         leaves = {"q": q, "k": k, "v": v, **extra, "initial_state": h0}
         do = torch.randn_like(v)
         dht = torch.randn_like(h0)
@@ -107,6 +107,12 @@ def check(args) -> list[dict]:
         del results
         torch.cuda.empty_cache()
     return rows
+
+
+def head_dims(text: str) -> tuple[int, int]:
+    """(K, V) from "D" (K = V = D) or "K:V"."""
+    K, _, V = str(text).partition(":")
+    return int(K), int(V or K)
 
 
 def _check_isolated(args) -> list[dict]:
@@ -356,7 +362,7 @@ def _launch_state():
 
 def _max_error(op: str, B: int, T: int) -> float:
     """Max relative L2 error of o, final state and every gradient (bf16 Triton vs float32 torch), H=16, K=V=128."""
-    args = argparse.Namespace(isolate=False, force_kernels=False, ops=[op], head_dims=[128], shapes=[(B, T)])
+    args = argparse.Namespace(isolate=False, force_kernels=False, ops=[op], head_dims=["128"], shapes=[(B, T)])
     return check(args)[0]["max"]
 
 
@@ -368,6 +374,8 @@ def tune(args) -> list[dict]:
     Variants run in order and rows are printed as they finish; a Hopper fault ends the process (the
     rows before it are in the log), so run doubtful launches one per process.
     """
+    if args.isolate:
+        return _tune_isolated(args)
     restore = _launch_state()
     rows = []
     for op in args.ops:
@@ -386,6 +394,32 @@ def tune(args) -> list[dict]:
             print(json.dumps(row), file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
     restore()
+    return rows
+
+
+def _tune_isolated(args) -> list[dict]:
+    """``tune --isolate``: each (op, variant) in its own process, one after the other (timings must not
+    share the GPU); a variant that faults or fails to compile gives an error row, the others still run."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for op in args.ops:
+        for variant in args.variants or ["{}"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, __file__, "tune", "--ops", op, "--variants", variant, "--out", tmp,
+                       "--tune-shape", "x".join(map(str, args.tune_shape))]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+                    result = Path(tmp) / "tune.json"
+                    if proc.returncode == 0 and result.exists():
+                        rows += json.loads(result.read_text())
+                    else:
+                        last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+                        rows.append({"op": op, "launch": variant, "error": f"rc {proc.returncode}: {last}"[:300]})
+                except subprocess.TimeoutExpired:
+                    rows.append({"op": op, "launch": variant, "error": "timeout"})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -427,7 +461,6 @@ def profile(args) -> list[dict]:
                                  "share": round(ms / total, 3)})
             rows.append({"op": op, "impl": name, "kernel": "TOTAL", "calls": 0, "ms": round(total, 3), "share": 1.0})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            del q, k, v, extra, leaves
             torch.cuda.empty_cache()
     return rows
 
@@ -442,9 +475,11 @@ def main(argv: list[str] | None = None) -> int:
                    default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
     p.add_argument("--tune-shape", type=lambda s: tuple(int(x) for x in s.split("x")), default=(8, 8192),
                    help="BxT of the tune timings (default: 8x8192)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[128], help="K = V for check (default: 128)")
+    p.add_argument("--head-dims", nargs="+", default=["128"],
+                   help="head dims for check: D (K = V = D) or K:V, e.g. 16:32 (default: 128)")
     p.add_argument("--isolate", action="store_true",
-                   help="check: each case in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault ends one case only)")
+                   help="check: each case in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault ends one case only); "
+                        "tune: each variant in its own process")
     p.add_argument("--force-kernels", action="store_true",
                    help="check: run the Triton chunk kernels even where linmix gates them off on CUDA")
     p.add_argument("--workers", type=int, default=4, help="isolated check cases run at once (default: 4)")
