@@ -165,13 +165,20 @@ def _check_isolated(args) -> list[dict]:
 
 
 def apply_gla_launch(text: str | None) -> None:
-    """Set fields of gla's per-kernel launch table from JSON, e.g. '{"dv": {"num_warps": 4}}'."""
+    """Set fields of gla's launch table from JSON: per kernel, e.g. '{"dv": {"num_warps": 4}}', or a field of
+    the LaunchConfig itself, e.g. '{"dqk_running_decay": true}'."""
     if not text:
         return
     import importlib
 
-    kernels = importlib.import_module("linmix.ops.gla.triton").LAUNCH.kernels
+    launch = importlib.import_module("linmix.ops.gla.triton").LAUNCH
+    kernels = launch.kernels
     for kernel, fields in json.loads(text).items():
+        if not isinstance(fields, dict):
+            if kernel == "kernels" or not hasattr(launch, kernel):
+                raise SystemExit(f"error: --gla-launch: LaunchConfig has no field {kernel!r}")
+            setattr(launch, kernel, fields)
+            continue
         if kernel not in kernels:
             raise SystemExit(f"error: --gla-launch: no kernel {kernel!r} (have {sorted(kernels)})")
         for name, value in fields.items():
