@@ -172,6 +172,7 @@ def test_launch_settings_avoid_the_hopper_miscompilations():
         assert scan["num_warps"] == warps and scan.get("num_stages") == stages, (K, scan)
         assert s.consts(s.cfg.warps_grads)["num_warps"] <= 4
         assert s.consts(s.cfg.warps_score_grads)["num_warps"] <= 4
+        assert s.consts(s.cfg.warps_wy)["num_warps"] <= 4 and s.consts(s.cfg.warps_dx2)["num_warps"] <= 4
 
 
 def test_scan_tile_shrinks_for_few_heads():
@@ -202,3 +203,75 @@ def test_backward_without_the_kept_solve(gated):
     _, _, ref = fwd_bwd(delta_rule, x, grad_o, grad_ht, output_final_state=True, backend="reference")
     for name, g in ref.items():
         assert rel_err(got[name], g) < INTERP_TOL, name
+
+
+# --------------------------------------------------------------------------------------------
+# LaunchConfig.wy_precompute: W and U~ formed before the scans (the other tests run the default path)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def wy_precompute(monkeypatch):
+    """Run the test with ``wy_precompute=True``, and fail it unless the WY kernels (W and U~, dX2) ran."""
+    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(wy_precompute=True))
+    calls = {"_chunk_wy": 0, "_chunk_dx2": 0}
+
+    def counted(name):
+        launch = getattr(delta_rule_triton, name)
+
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return launch(*args, **kwargs)
+        return run
+
+    for name in calls:
+        monkeypatch.setattr(delta_rule_triton, name, counted(name))
+    yield
+    assert all(calls.values()), f"the WY path did not run: {calls}"
+
+
+@pytest.fixture
+def bf16_casts_round_to_nearest(monkeypatch):
+    """The interpreter's float32 -> bfloat16 casts truncate (Triton 3.9); the GPU rounds to nearest even.
+
+    Replaced by the GPU's rounding, so the kernels' bf16 roundings are neither biased nor twice as
+    large as there (the bf16 dot itself is handled by the kernels: see the module docstring).
+    """
+    np = pytest.importorskip("numpy")
+    from triton.runtime import interpreter
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_rounding(self, src, dst_type):
+        if src.dtype.scalar == delta_rule_triton.tl.float32 and dst_type.scalar == delta_rule_triton.tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite inputs only
+            return interpreter.TensorHandle(rounded, delta_rule_triton.tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_rounding)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("T", [5, 64, 150])
+def test_wy_precompute_matches_reference(wy_precompute, gated, T):
+    """T < 16, T = C, three chunks with a partial last one; initial and final state (and its gradient)."""
+    check(make_inputs(B=1, T=T, gated=gated), output_final_state=True)
+
+
+def test_wy_precompute_varlen(wy_precompute):
+    """Ragged packed sequences (one empty, one crossing a chunk boundary), gated."""
+    lengths = [70, 0, 5]
+    x = make_inputs(B=1, T=sum(lengths), K=16, V=32, num_states=len(lengths))
+    check(x, cu_seqlens=ragged_cu_seqlens(lengths), output_final_state=True)
+
+
+def test_wy_precompute_large_head_dims(wy_precompute):
+    """K = 128 (two K blocks in the W kernel, KP = 128 in the scans' W tile) and V = 80 (several V blocks)."""
+    check(make_inputs(B=1, T=70, K=128, V=80), output_final_state=True)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_wy_precompute_bfloat16(wy_precompute, bf16_casts_round_to_nearest, gated):
+    """bf16 inputs (W and U~ stored in bf16 too) against the float32 reference, at DESIGN's bf16 tolerance."""
+    errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
+    assert max(errs.values()) < TOL[torch.bfloat16], errs

@@ -11,9 +11,10 @@ state entering chunk n:
     h_{n+1} = exp(b_C) h_n + (K * exp(b_C - b))^T U                             (pass_states_fwd)
     O   = (Q * exp(b)) h_n + ((Q K^T) o D) U,   D_ij = exp(b_i - b_j), i >= j   (chunk_outputs)
 
-U is formed in the scan as A times the residual of the values against the decayed state, so
-neither W = A diag(beta exp(b)) K nor U~ = A diag(beta) V is materialised (A is a quarter of
-their bytes at K = V = 128), and no two rounded large terms U~ and W h_n cancel.
+By default U is formed in the scan as A times the residual of the values against the decayed
+state, so neither W = A diag(beta exp(b)) K nor U~ = A diag(beta) V is materialised (A is a
+quarter of their bytes at K = V = 128), and no two rounded large terms U~ and W h_n cancel.
+``LaunchConfig.wy_precompute`` materialises them instead (below).
 
 Backward, with dh_n the gradient of the state *leaving* chunk n (the incoming final-state
 gradient for the last one), P = (Q K^T) o D, X1 = diag(beta exp(b)) K and X2 = diag(beta) V
@@ -56,6 +57,25 @@ Kernels (the math step each computes, and its grid):
 * ``_chunk_grads_kernel``       dq, dk, dv and each K block's part of dbeta and db, with dP, dM and
   their transposes loaded (a transposed load, not a transposed dot result); (NK, NT, B*H).
 * ``_gate_beta_grads_kernel``   sums the parts; dg by the in-chunk reverse cumsum; (NT, B).
+
+With ``LaunchConfig.wy_precompute`` (two more kernels; the others unchanged):
+
+* ``_chunk_wy_kernel``          W = A diag(beta exp(b)) K and U~ = A diag(beta) V, head-major, input
+  dtype (U~ in U's buffer); (NT, B*H). Run after the solve, in the forward and again in the backward.
+* ``_pass_states_fwd_kernel``   (``WY``) U = U~ - W h_n, then the state update as before.
+* ``_pass_states_bwd_kernel``   (``WY``) stores dU (float32, over P^T dO's buffer) and updates
+  dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - W^T dU, with no A.
+* ``_chunk_dx2_kernel``         dX2 = A^T dU after the reverse scan; (NV, NT, B*H).
+
+What the option changes: each forward-scan step is two dependent products (W h_n, then the
+state update) instead of three (K h_n, A times the residual, the update), and each reverse-scan
+step two (K dh_n, then W^T dU) instead of three (A^T dU in between); the A products move to
+parallel per-chunk kernels, at the cost of writing and reading W (k's bytes) and U~ per pass.
+The default path avoids the rounding of U~ and W h_n as separate terms (U~ and W are stored in
+the input dtype before they are combined); fla uses the precomputed form. The option is off by
+default until it is timed and checked on the H200 (``benchmarks/gpu.py check`` / ``tune`` with
+``--delta-launch '{"wy_precompute": true}'``). dX2's product rounds dU as the scans do
+(``scan_precision``), so both paths form dX2 from dU alike.
 
 The forward keeps A and b for the backward when there is one (A is C = 64 values per token and
 head, half of k's bytes at K = 128; recomputing it cost 1.1 ms of 9.2 at the standard shape on the
@@ -162,6 +182,11 @@ class LaunchConfig:
             the gradient kernel are correct but 7x slower. ``stages``: ``num_stages`` of all of them (None:
             Triton's default, except 1 for the two scans at K > 128, whose pipelined tiles would
             not fit in shared memory).
+        wy_precompute: form W = A diag(beta exp(b)) K and U~ = A diag(beta) V per chunk in a
+            parallel kernel before the forward scan, whose step is then U = U~ - W h_n and the
+            state update (two dependent products, not three); the backward scan then stores dU
+            and updates its state with W^T dU, and dX2 = A^T dU is formed after it, in parallel
+            (see the module docstring). Off by default until timed and checked on the H200.
     """
 
     block_k: int = 64
@@ -178,9 +203,12 @@ class LaunchConfig:
     warps_score_grads: int = 4
     warps_grads: int = 4
     warps_finish: int = 4
+    warps_wy: int = 4
+    warps_dx2: int = 4
     solve_precision: str = "tf32"
     scan_precision: str = "input"
     stages: int | None = None
+    wy_precompute: bool = False
 
 
 LAUNCH = LaunchConfig()
@@ -321,6 +349,50 @@ def _chunk_solve_kernel(k, beta, g, b, A, T, NT,
     tl.store(p_a + 48 * C + 48, A33.to(dt))
 
 
+@triton.jit
+def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                     DOT: tl.constexpr):
+    """For one chunk (``LaunchConfig.wy_precompute``): W = A diag(beta exp(b)) K and U~ = A diag(beta) V.
+
+    Both head-major ([B*H, NT*C, K] and [B*H, NT*C, V], input dtype; U~ goes to the U buffer, which
+    the forward scan turns into U), K and V looped in blocks. The scaled key and value tiles are
+    rounded to the input dtype before the product, as the scan rounds its residual. Rows past T
+    come out zero: k, v and beta are zero there, and A's rows there are the identity's.
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = w.dtype.element_ty
+    o_c = tl.arange(0, C)
+    n_valid = tl.minimum(T - i_t * C, C)
+    m_c = o_c < n_valid
+    row0 = (i_b.to(tl.int64) * T + i_t * C) * H + i_h  # [B, T, H] index of the chunk's first token
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C  # its head-major row
+    a = tl.load(A + hrow0 * C + o_c[:, None] * C + o_c[None, :], mask=o_c[:, None] >= o_c[None, :],
+                other=0.0).to(DOT)
+    beta_t = tl.load(beta + row0 + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+    key_scale = beta_t
+    if USE_G:
+        key_scale = beta_t * tl.exp2(tl.load(b + row0 + o_c * H, mask=m_c, other=0.0))
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                     other=0.0).to(tl.float32)
+        x1 = (kt * key_scale[:, None]).to(dt).to(DOT)
+        wt = tl.dot(a, x1, tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+        tl.store(w + hrow0 * K + o_c[:, None] * K + o_k[None, :], wt.to(dt), mask=m_k[None, :])
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        vt = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                     other=0.0).to(tl.float32)
+        x2 = (vt * beta_t[:, None]).to(dt).to(DOT)
+        ut = tl.dot(a, x2, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
+        tl.store(u + hrow0 * V + o_c[:, None] * V + o_v[None, :], ut.to(dt), mask=m_v[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward, steps 2-3: the state scan and the chunk outputs
 # --------------------------------------------------------------------------------------------
@@ -342,17 +414,19 @@ def _dot_split(a, x, acc, dt: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexp
 
 
 @triton.jit
-def _pass_states_fwd_kernel(k, v, beta, b, A, h0, h, u, ht, T, NT,
+def _pass_states_fwd_kernel(k, v, beta, b, A, w, h0, h, u, ht, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                            PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Scan over chunks: store h_n, then U = A diag(beta) (V - (K exp(b)) h_n) (stored) and
     h_{n+1} = exp(b_C) h_n + (K exp(b_C - b))^T U.
 
     The decays scale the small [C, BV] tiles (exp(b) * (K h_n), K^T (exp(b_C - b) * U)), so the
     key tile enters both products as loaded. One program per (V block, batch*head); the
     [KP, BV] state (all of K: the residual needs K h_n) stays in float32 registers.
+    WY (``LaunchConfig.wy_precompute``): U = U~ - W h_n instead, with W ([B*H, NT*C, K]) and U~
+    (in ``u``, overwritten by U) from ``_chunk_wy_kernel``; A, v and beta are not read.
     """
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -375,24 +449,34 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, h0, h, u, ht, T, NT,
     offs_v = o_c[:, None] * (H * V) + o_v[None, :]  # [C, BV] in [B, T, H, V]
     offs_a = o_c[:, None] * C + o_c[None, :]  # [C, C] of A
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
+    offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
     for i_t in range(NT):
         tok = row0 + i_t * C * H  # the chunk's first token
         hrow = hrow0 + i_t * C
         tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
         m_c = (i_t * C + o_c) < T
-        beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
         kc = tl.load(k + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
-        # residual of the values against the decayed state, then U = A diag(beta) residual
-        pred = _dot_split(kc, state, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        if WY:
+            # U = U~ - W h_n (exp(b) and beta are inside W)
+            wc = tl.load(w + hrow * K + offs_w, mask=m_k[None, :], other=0.0).to(DOT)
+            pred = _dot_split(wc, state, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        else:
+            # residual of the values against the decayed state, then U = A diag(beta) residual
+            beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
+            pred = _dot_split(kc, state, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
         if USE_G:
             n_valid = tl.minimum(T - i_t * C, C)
             b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
             b_last = last_valid(b_t, o_c, n_valid)
-            pred *= tl.exp2(b_t)[:, None]
-        vc = tl.load(v + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0)
-        resid = (vc.to(tl.float32) - pred) * beta_t[:, None]
-        a = tl.load(A + hrow * C + offs_a, mask=o_c[:, None] >= o_c[None, :], other=0.0).to(DOT)
-        ut = _dot_split(a, resid, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+            if not WY:
+                pred *= tl.exp2(b_t)[:, None]
+        if WY:
+            ut = tl.load(u + hrow * V + offs_u, mask=m_v[None, :], other=0.0).to(tl.float32) - pred
+        else:
+            vc = tl.load(v + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0)
+            resid = (vc.to(tl.float32) - pred) * beta_t[:, None]
+            a = tl.load(A + hrow * C + offs_a, mask=o_c[:, None] >= o_c[None, :], other=0.0).to(DOT)
+            ut = _dot_split(a, resid, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
         tl.store(u + hrow * V + offs_u, ut.to(dt), mask=m_v[None, :])
         if USE_G:
             state *= tl.exp2(b_last)
@@ -484,19 +568,22 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
 
 
 @triton.jit
-def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
+def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_FINAL_STATE_GRAD: tl.constexpr, STORE_INITIAL_STATE_GRAD: tl.constexpr,
-                            PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Reverse scan: store dh_n (gradient of the state leaving chunk n) and dX2 = A^T dU with
     dU = P^T dO + (K exp(b_C - b)) dh_n, then
     dh_{n-1} = exp(b_C) dh_n + scale * (Q exp(b))^T dO - W^T dU,  W^T dU = X1^T dX2, X1 = diag(beta exp(b)) K;
     what is left is d initial_state. As in the forward scan, the decays and beta scale the small
-    [C, BV] tiles, and the key and query tiles enter the products as loaded."""
+    [C, BV] tiles, and the key and query tiles enter the products as loaded.
+    WY (``LaunchConfig.wy_precompute``): dU (float32) overwrites ``du_local`` instead of dX2 being
+    stored (``_chunk_dx2_kernel`` forms it after the scan), and W^T dU is one product with the
+    loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    dt = dx2.dtype.element_ty
+    dt = dh.dtype.element_ty
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -515,6 +602,7 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, s
     offs_v = o_c[:, None] * (H * V) + o_v[None, :]  # [C, BV] in [B, T, H, V]
     offs_at = o_c[None, :] * C + o_c[:, None]  # [C, C]: A^T
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
+    offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         tok = row0 + i_t * C * H  # the chunk's first token
@@ -531,24 +619,54 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, s
             b_last = last_valid(b_t, o_c, n_valid)
             k_dh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
         d_u = tl.load(du_local + hrow * V + offs_u, mask=m_v[None, :], other=0.0) + k_dh
-        a_t = tl.load(A + hrow * C + offs_at, mask=o_c[None, :] >= o_c[:, None], other=0.0).to(DOT)
-        d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
-        tl.store(dx2 + hrow * V + offs_u, d_x2.to(dt), mask=m_v[None, :])
+        if WY:
+            tl.store(du_local + hrow * V + offs_u, d_u, mask=m_v[None, :])  # dX2 = A^T dU: after the scan
+        else:
+            a_t = tl.load(A + hrow * C + offs_at, mask=o_c[None, :] >= o_c[:, None], other=0.0).to(DOT)
+            d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+            tl.store(dx2 + hrow * V + offs_u, d_x2.to(dt), mask=m_v[None, :])
         # dh_{n-1} = exp(b_C) dh_n + K^T (-(beta exp(b)) * dX2) + Q^T ((scale exp(b)) * dO)
+        #          = exp(b_C) dh_n - W^T dU + Q^T ((scale exp(b)) * dO)                        (WY)
         qc = tl.load(q + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
         d_o = tl.load(do + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         if USE_G:
             dstate *= tl.exp2(b_last)
             e_b = tl.exp2(b_t)
-            d_x2 *= -(beta_t * e_b)[:, None]
+            if not WY:
+                d_x2 *= -(beta_t * e_b)[:, None]
             d_o *= (scale * e_b)[:, None]
         else:
-            d_x2 *= -beta_t[:, None]
+            if not WY:
+                d_x2 *= -beta_t[:, None]
             d_o *= scale
-        dstate = _dot_split(tl.trans(kc), d_x2, dstate, dt, PREC, DOT, SPLIT)
+        if WY:
+            wc = tl.load(w + hrow * K + offs_w, mask=m_k[None, :], other=0.0).to(DOT)
+            dstate = _dot_split(tl.trans(wc), -d_u, dstate, dt, PREC, DOT, SPLIT)
+        else:
+            dstate = _dot_split(tl.trans(kc), d_x2, dstate, dt, PREC, DOT, SPLIT)
         dstate = _dot_split(tl.trans(qc), d_o, dstate, dt, PREC, DOT, SPLIT)
     if STORE_INITIAL_STATE_GRAD:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv_offs, dstate, mask=m_kv)
+
+
+@triton.jit
+def _chunk_dx2_kernel(A, du, dx2, NT, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """dX2 = A^T dU for one chunk and V block (``LaunchConfig.wy_precompute``), with dU (float32, head-major)
+    from the WY reverse scan; A^T by a transposed load. The product rounds dU as the scans' dots do
+    (``LaunchConfig.scan_precision``), as the reverse scan of the default path forms it."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dt = dx2.dtype.element_ty
+    o_c = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    hrow0 = (i_bh.to(tl.int64) * NT + i_t) * C
+    a_t = tl.load(A + hrow0 * C + o_c[None, :] * C + o_c[:, None], mask=o_c[None, :] >= o_c[:, None],
+                  other=0.0).to(DOT)
+    offs = (hrow0 + o_c[:, None]) * V + o_v[None, :]
+    d_u = tl.load(du + offs, mask=m_v[None, :], other=0.0)
+    d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+    tl.store(dx2 + offs, d_x2.to(dt), mask=m_v[None, :])
 
 
 @triton.jit
@@ -803,14 +921,27 @@ def _chunk_solve(k, beta, g, s: _Sizes):
     return b, A
 
 
-def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
-    h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
+def _chunk_wy(k, v, beta, b, A, s: _Sizes):
+    """(W [B*H, NT*C, K], U~ [B*H, NT*C, V]), input dtype: see ``_chunk_wy_kernel``."""
+    W = k.new_empty(s.B * s.H, s.NT * s.C, s.K)
     U = k.new_empty(s.B * s.H, s.NT * s.C, s.V)
+    _chunk_wy_kernel[(s.NT, s.B * s.H)](k, v, beta, b, A, W, U, s.T, s.NT, USE_G=b is not None,
+                                        **s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV))
+    return W, U
+
+
+def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
+    """(h, U, final state or None, W or None): W (``LaunchConfig.wy_precompute``) for the reverse scan."""
+    h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
+    if s.cfg.wy_precompute:
+        W, U = _chunk_wy(k, v, beta, b, A, s)  # U holds U~ until the scan overwrites it with U
+    else:
+        W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
     _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
-        k, v, beta, b, A, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=store_final, **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
-    return h, U, ht
+        k, v, beta, b, A, W, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=store_final, WY=W is not None, **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
+    return h, U, ht, W
 
 
 def _chunk_outputs(q, k, U, b, h, scale, s: _Sizes, out_dtype):
@@ -828,15 +959,27 @@ def _chunk_du_local(q, k, b, do, scale, s: _Sizes):
     return du_local
 
 
-def _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s: _Sizes, store_initial_grad: bool):
+def _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s: _Sizes, store_initial_grad: bool):
+    """(dh, dX2, d initial_state or None). W given (``LaunchConfig.wy_precompute``): the scan leaves dU in
+    ``du_local`` (overwritten) and ``_chunk_dx2_kernel`` forms dX2 = A^T dU after it."""
     dh = q.new_empty(s.B * s.H, s.NT, s.K, s.V)
     dx2 = q.new_empty(s.B * s.H, s.NT * s.C, s.V)
     dh0 = q.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_initial_grad else None
     _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
-        q, k, beta, b, A, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
-        USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad,
+        q, k, beta, b, A, W, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
+        USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad, WY=W is not None,
         **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
+    if W is not None:
+        _chunk_dx2(A, du_local, dx2, s)
     return dh, dx2, dh0
+
+
+def _chunk_dx2(A, du, dx2, s: _Sizes):
+    """dX2 = A^T dU into ``dx2`` (``LaunchConfig.wy_precompute``): see ``_chunk_dx2_kernel``."""
+    # dU rounded as the scans round their operands (LaunchConfig.scan_precision), as the default path does
+    dots = dict(PREC=s.scan_prec, DOT=s.scan_dot_dtype, SPLIT=s.scan_split)
+    _chunk_dx2_kernel[(s.NV, s.NT, s.B * s.H)](A, du, dx2, s.NT,
+                                               **(s.consts(s.cfg.warps_dx2, BV=s.BV, drop=("H", "K")) | dots))
 
 
 def _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s: _Sizes):
@@ -875,7 +1018,7 @@ def _forward(q, k, v, beta, g, initial_state, scale, output_final_state, keep_so
     h0 = None if initial_state is None else initial_state.float().contiguous()
     s = _Sizes(q, v)
     b, A = _chunk_solve(k, beta, g, s)
-    h, U, ht = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
+    h, U, ht, _ = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
     o = _chunk_outputs(q, k, U, b, h, scale, s, v.dtype)
     return (o, ht, A, b) if keep_solve else (o, ht, None, None)
 
@@ -905,10 +1048,10 @@ def _backward(inputs, saved, grads, consts, needs):
     if A is None:
         b, A = _chunk_solve(k, beta, g, s)
     # Recompute h and U rather than keeping [B, H, NT, K, V] alive between the passes.
-    h, U, _ = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)
+    h, U, _, W = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)  # W: wy_precompute only
     du_local = _chunk_du_local(q, k, b, do, scale, s)
-    dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, do, du_local, dht, scale, s, store_initial_grad=needs[5])
-    del A, du_local
+    dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s, store_initial_grad=needs[5])
+    del A, W, du_local
     dq, dk, dv, dbeta_part, dg_part = _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s)
     if not needs[4]:
         dg_part = None
