@@ -141,7 +141,7 @@ def test_bfloat16(gated):
     Compared with the float32 reference on the same (bf16-rounded) inputs, at DESIGN's bf16
     tolerance (seen: about 1e-2). In the interpreter the bf16 dot operands are widened to float32
     first -- its own bf16 dot is broken -- which gives the GPU's bf16 products; the scans' float32
-    dots are exact here (TF32 on the GPU).
+    operands are rounded to bf16 before their dots, as on the GPU (``scan_precision="input"``).
     """
     errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
     assert max(errs.values()) < TOL[torch.bfloat16], errs

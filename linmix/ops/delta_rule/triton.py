@@ -401,15 +401,19 @@ def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
 def _dot_split(a, x, acc, dt: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """acc + a @ x for a tile ``a`` already in DOT and a float32 tile ``x`` (the scans' dots).
 
-    SPLIT (16-bit inputs): x = hi + lo with hi and lo in the 16-bit input dtype ``dt``, two
-    16-bit products, so x keeps about twice a 16-bit mantissa (finer than TF32) while ``a`` stays
-    a 16-bit tile. Otherwise x is rounded to DOT (float32 for float32 inputs).
+    SPLIT (how x enters, ``_Sizes.scan_split``): 2 (16-bit inputs, "split"): x = hi + lo with hi
+    and lo in the 16-bit input dtype ``dt``, two 16-bit products, so x keeps about twice a 16-bit
+    mantissa (finer than TF32) while ``a`` stays a 16-bit tile; 1 ("input"): x rounded to ``dt``
+    (a no-op cast to DOT on the GPU; under the interpreter DOT is float32 for bf16, and this
+    rounding keeps the GPU's arithmetic there); 0: x cast to DOT (float32 dots, float32 inputs).
     """
-    if SPLIT:
+    if SPLIT == 2:
         hi = x.to(dt)
         lo = (x - hi.to(tl.float32)).to(dt)
         acc = tl.dot(a, hi.to(DOT), acc, input_precision=PREC)
         return tl.dot(a, lo.to(DOT), acc, input_precision=PREC)
+    if SPLIT == 1:
+        x = x.to(dt)
     return tl.dot(a, x.to(DOT), acc, input_precision=PREC)
 
 
@@ -894,7 +898,7 @@ class _Sizes:
         mode = "ieee" if exact else cfg.scan_precision
         if mode not in ("split", "input", "tf32", "tf32x3", "ieee"):
             raise ValueError(f"LaunchConfig.scan_precision must be split, input, tf32, tf32x3 or ieee, got {mode!r}")
-        self.scan_split = mode == "split"
+        self.scan_split = {"split": 2, "input": 1}.get(mode, 0)  # see _dot_split
         self.scan_dot_dtype = self.dot_dtype if mode in ("split", "input") else tl.float32
         self.scan_prec = mode if mode in ("tf32", "tf32x3", "ieee") else "tf32"  # "tf32": unused for 16 bits
         self.cfg = cfg
