@@ -23,7 +23,8 @@ import torch.nn.functional as F  # noqa: E402
 from linmix.ops.delta_rule import delta_rule  # noqa: E402
 from linmix.ops.dispatch import available_backends  # noqa: E402
 from tests.ops.utils import TOL, assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
-from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
+from tests.ops.triton_interp import (  # noqa: E402
+    bf16_casts_round_to_nearest, block_pointer_lines, interpreted_module, interpreter_problem)
 
 INTERPRETER_PROBLEM = interpreter_problem()
 
@@ -230,25 +231,10 @@ def wy_precompute(monkeypatch):
 
 
 @pytest.fixture
-def bf16_casts_round_to_nearest(monkeypatch):
-    """The interpreter's float32 -> bfloat16 casts truncate (Triton 3.9); the GPU rounds to nearest even.
-
-    Replaced by the GPU's rounding, so the kernels' bf16 roundings are neither biased nor twice as
-    large as there (the bf16 dot itself is handled by the kernels: see the module docstring).
-    """
-    np = pytest.importorskip("numpy")
-    from triton.runtime import interpreter
-
-    cast_impl = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_rounding(self, src, dst_type):
-        if src.dtype.scalar == delta_rule_triton.tl.float32 and dst_type.scalar == delta_rule_triton.tl.bfloat16:
-            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite inputs only
-            return interpreter.TensorHandle(rounded, delta_rule_triton.tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_rounding)
+def bf16_rounding_as_on_gpu(monkeypatch):
+    """float32 -> bf16 casts rounded to nearest even, as on the GPU (the bf16 dot itself is handled by the
+    kernels: see the module docstring)."""
+    bf16_casts_round_to_nearest(monkeypatch)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -271,7 +257,7 @@ def test_wy_precompute_large_head_dims(wy_precompute):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_wy_precompute_bfloat16(wy_precompute, bf16_casts_round_to_nearest, gated):
+def test_wy_precompute_bfloat16(wy_precompute, bf16_rounding_as_on_gpu, gated):
     """bf16 inputs (W and U~ stored in bf16 too) against the float32 reference, at DESIGN's bf16 tolerance."""
     errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
     assert max(errs.values()) < TOL[torch.bfloat16], errs

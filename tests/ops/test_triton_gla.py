@@ -17,12 +17,12 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from linmix.ops import gla  # noqa: E402
 from linmix.ops.dispatch import available_backends, resolve  # noqa: E402
 from tests.ops.utils import assert_close_fwd_bwd, fwd_bwd, log_gate, ragged_cu_seqlens, rel_err  # noqa: E402
-from tests.ops.triton_interp import block_pointer_lines, interpreted_module, interpreter_problem  # noqa: E402
+from tests.ops.triton_interp import (  # noqa: E402
+    bf16_casts_round_to_nearest, bf16_dots_upcast, block_pointer_lines, interpreted_module, interpreter_problem)
 
 INTERPRETER_PROBLEM = interpreter_problem()
 
@@ -165,33 +165,10 @@ def test_float64_falls_back_to_chunk_form():
 
 @pytest.fixture
 def interpreter_bf16_as_on_gpu(monkeypatch):
-    """Two shortcuts of the interpreter's bfloat16 (Triton 3.9), replaced by what the GPU does:
-
-    * tl.dot on bf16 operands multiplies their raw uint16 storage: upcast them first (exact);
-    * float32 -> bf16 casts truncate: round to nearest even instead (the GPU's cvt.rn), so that the
-      roundings of the kernels' bf16 operands are neither biased nor twice as large as on the GPU.
-    """
-    from triton.runtime import interpreter
-
-    def as_float32(x):
-        if x.get_element_ty() != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
-                        lambda self, a, b, *rest: create_dot(self, as_float32(a), as_float32(b), *rest))
-
-    cast_impl = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_rounding(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite inputs only
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_rounding)
+    """The interpreter's two bfloat16 shortcuts (Triton 3.9) replaced by what the GPU does: bf16 dots on
+    upcast operands, float32 -> bf16 casts rounded to nearest even (tests/ops/triton_interp.py)."""
+    bf16_dots_upcast(monkeypatch)
+    bf16_casts_round_to_nearest(monkeypatch)
 
 
 def test_bfloat16_inputs(interpreter_bf16_as_on_gpu):

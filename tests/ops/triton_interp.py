@@ -44,3 +44,37 @@ def block_pointer_lines(module: types.ModuleType) -> list[int]:
     return [node.lineno for node in ast.walk(tree)
             if (isinstance(node, ast.Attribute) and "block_ptr" in node.attr)
             or (isinstance(node, ast.Name) and "block_ptr" in node.id)]
+
+
+def bf16_dots_upcast(monkeypatch) -> None:
+    """The interpreter's tl.dot on bfloat16 operands (Triton 3.9) multiplies their raw uint16 storage:
+    upcast the operands to float32 first (exact), as the GPU's bf16 products are."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def as_float32(x):
+        if x.get_element_ty() != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: create_dot(self, as_float32(a), as_float32(b), *rest))
+
+
+def bf16_casts_round_to_nearest(monkeypatch) -> None:
+    """The interpreter's float32 -> bfloat16 casts truncate (Triton 3.9): round to nearest even instead (the
+    GPU's cvt.rn), so that the kernels' bf16 roundings are neither biased nor twice as large as on the GPU."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_rounding(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite inputs only
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_rounding)
