@@ -83,8 +83,8 @@ H200); the backward recomputes h and U (one more forward scan) rather than keepi
 [B, H, NT, K, V] states alive between the passes. The [C, C] gradients are formed once per chunk
 (``_chunk_score_grads_kernel``), not once per K block of the gradient kernel, which also keeps
 that kernel's live accumulators to three [C, BK] tiles (with seven, it spilled: gated 6.3 ms
-against 2.6 ungated, now 1.5 / 1.3 ms). The gate flag ``USE_G`` is a constexpr: DeltaNet (g None) compiles the
-gate loads and exps out.
+against 2.6 ungated, now 1.5 / 1.3 ms). The gate flag ``USE_G`` is a constexpr: DeltaNet (g None)
+compiles the gate loads and exps out.
 
 Precision: the per-chunk kernels run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with
 float32 accumulation; float32 inputs use ``input_precision="ieee"`` (exact, no TF32). L, the
@@ -97,8 +97,9 @@ as fla does); "split" keeps about 16 mantissa bits instead (each float32 operand
 16-bit parts, two products) at twice the products. Measured on the H200 (bf16, K = V = 128, T up
 to 32K, against the float32 PyTorch chunk form): "input" 3.3e-3 (gated) / 5.0e-3 (DeltaNet)
 worst relative L2 error over o and every gradient, "split" 2.9e-3 / 3.2e-3; fwd+bwd 6.2 / 5.9 ms
-against 7.4 / 6.5 (standard shape, "ieee" solve, the other settings the defaults). h, U, dh and dX2 are stored in the input dtype (the
-rounding every per-chunk consumer applies before its ``tl.dot`` anyway). The scans' states,
+against 7.4 / 6.5 (standard shape, "ieee" solve, the other settings the defaults). h, U, dh and
+dX2 are stored in the input dtype (the rounding every per-chunk consumer applies before its
+``tl.dot`` anyway). The scans' states,
 gates, decays, the final state and d initial_state are float32; ``o`` has v's dtype.
 
 Shapes: any K, V >= 1 (masked tiles; the per-chunk kernels loop over K and V in blocks of
@@ -110,16 +111,16 @@ Packed varlen (``cu_seqlens``) runs as a zero-padded [N, T_max] batch
 form. Launch parameters live in ``LAUNCH`` (:class:`LaunchConfig`).
 
 Transposes: a ``tl.dot`` operand is never ``tl.trans`` of another dot's result (or of a tile
-computed from one). Products needed both ways round -- (Q K^T)^T in dU, (dO U^T)^T and
-(dX2 U^T)^T in the gradients -- are each formed by their own dot from loaded tiles and masked
-with the transposed mask (:mod:`linmix.ops.common.triton_tiles`). The transposed-result pattern
+computed from one). (Q K^T)^T in dU is formed by its own dot from loaded tiles and masked with
+the transposed mask (:mod:`linmix.ops.common.triton_tiles`); the gradients' dP^T and dM^T are
+transposed loads of the tiles ``_chunk_score_grads_kernel`` stored. The transposed-result pattern
 passes the interpreter, but it is one of Triton's Hopper miscompilations (3.4 to 3.7.0; fla
 guards its gated delta-rule backward against it). An earlier version of these kernels used it and
 also launched 8 warps (the other miscompilation, see :class:`LaunchConfig`), and faulted on the
 H200; which of the two caused which fault was not isolated, both are avoided. ``tl.trans`` of a
 loaded tile is fine and used throughout. On the H200 (bf16, Triton 3.6, K = V = 16 to 256, T up to
-32K) o and every gradient are within 2.6e-3 to 5e-3 relative L2 error of the float32 PyTorch
-chunk form, the final state within 3e-5 to 2e-3 (BENCHMARKS.md section 2).
+32K, the default launch) o and every gradient are within 3.3e-3 to 6.1e-3 relative L2 error of the
+float32 PyTorch chunk form, the final state within 2.3e-3 to 5e-3 (BENCHMARKS.md section 2).
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The interpreter's
