@@ -38,6 +38,9 @@ the chunk is cut into sub-blocks of S = 16 positions:
 * the diagonal 16 x 16 sub-blocks are computed elementwise in float32, column by column from the
   last to the first: exp(b_i - b_j) = exp(b_i - b_{j+1}) * exp(b_{j+1} - b_j), a running product
   of factors <= 1 (one ``exp2`` per row instead of one per (i, j, k); nothing is ever divided).
+  The dq/dk kernel does the same with dA's rows and columns loaded per position (no reductions),
+  by default with one ``exp2`` per element of the exponent masked to <= 0, or with running products
+  (``LaunchConfig.dqk_running_decay``, not yet timed on the GPU).
 
 Matmuls run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with float32 accumulation; float32
 inputs use ``input_precision="ieee"``. Scans, gates, decays and every elementwise product are
