@@ -115,10 +115,28 @@ def head_dims(text: str) -> tuple[int, int]:
     return int(K), int(V or K)
 
 
-def _check_isolated(args) -> list[dict]:
-    import os
+def _in_subprocess(what: str, argv: list[str], timeout: float, env: dict | None = None) -> tuple[list[dict], str]:
+    """Run ``gpu.py <what> <argv>`` in its own process: (its rows, "") or ([], why it failed). The failing
+    frames of linmix are in the error (with CUDA_LAUNCH_BLOCKING, the launch that faulted)."""
     import subprocess
     import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, what, *argv, "--out", tmp]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return [], "timeout"
+        result = Path(tmp) / f"{what}.json"
+        if proc.returncode == 0 and result.exists():
+            return json.loads(result.read_text()), ""
+    frames = [line.strip() for line in proc.stderr.splitlines() if "File " in line and "linmix" in line]
+    last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+    return [], f"rc {proc.returncode}: " + " <- ".join(frames[-3:] + last)[-600:]
+
+
+def _check_isolated(args) -> list[dict]:
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
@@ -126,25 +144,11 @@ def _check_isolated(args) -> list[dict]:
     def one(case) -> list[dict]:
         op, D, (B, T), launch = case
         tag = {"op": op, "K=V": D, "B": B, "T": T} | ({"launch": launch} if launch else {})
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, __file__, "check", "--ops", op, "--head-dims", str(D), "--shapes", f"{B}x{T}",
-                   "--out", tmp] + (["--force-kernels"] if args.force_kernels else [])
-            if launch:
-                cmd += ["--delta-launch", launch]
-            if args.gla_launch:
-                cmd += ["--gla-launch", args.gla_launch]
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
-            except subprocess.TimeoutExpired:
-                return [{**tag, "max": float("nan"), "error": "timeout"}]
-            result = Path(tmp) / "check.json"
-            if proc.returncode == 0 and result.exists():
-                rows = [{**row, **tag} for row in json.loads(result.read_text())]
-            else:  # the launch that faulted is in the traceback (CUDA_LAUNCH_BLOCKING)
-                frames = [line.strip() for line in proc.stderr.splitlines() if "File " in line and "linmix" in line]
-                last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
-                rows = [{**tag, "max": float("nan"),
-                         "error": f"rc {proc.returncode}: " + " <- ".join(frames[-3:] + last)[-600:]}]
+        argv = ["--ops", op, "--head-dims", str(D), "--shapes", f"{B}x{T}"]
+        argv += (["--force-kernels"] if args.force_kernels else []) + (["--delta-launch", launch] if launch else [])
+        argv += ["--gla-launch", args.gla_launch] if args.gla_launch else []
+        found, error = _in_subprocess("check", argv, args.case_timeout, env)
+        rows = [{**row, **tag} for row in found] if not error else [{**tag, "max": float("nan"), "error": error}]
         for row in rows:
             print(json.dumps(row), file=sys.stderr, flush=True)
         return rows
@@ -407,25 +411,12 @@ def tune(args) -> list[dict]:
 def _tune_isolated(args) -> list[dict]:
     """``tune --isolate``: each (op, variant) in its own process, one after the other (timings must not
     share the GPU); a variant that faults or fails to compile gives an error row, the others still run."""
-    import subprocess
-    import tempfile
-
     rows = []
     for op in args.ops:
         for variant in args.variants or ["{}"]:
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, __file__, "tune", "--ops", op, "--variants", variant, "--out", tmp,
-                       "--tune-shape", "x".join(map(str, args.tune_shape))]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
-                    result = Path(tmp) / "tune.json"
-                    if proc.returncode == 0 and result.exists():
-                        rows += json.loads(result.read_text())
-                    else:
-                        last = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
-                        rows.append({"op": op, "launch": variant, "error": f"rc {proc.returncode}: {last}"[:300]})
-                except subprocess.TimeoutExpired:
-                    rows.append({"op": op, "launch": variant, "error": "timeout"})
+            argv = ["--ops", op, "--variants", variant, "--tune-shape", "x".join(map(str, args.tune_shape))]
+            found, error = _in_subprocess("tune", argv, args.case_timeout)
+            rows += found if not error else [{"op": op, "launch": variant, "error": error}]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
