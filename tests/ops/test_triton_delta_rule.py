@@ -184,11 +184,7 @@ def test_scan_tile_shrinks_for_few_heads():
         s = delta_rule_triton._Sizes(q, v)
         programs = BH * s.scan_NV
         assert s.scan_BV <= cfg.scan_block_v and (programs >= cfg.scan_min_programs or s.scan_BV == 16), (BH, s.scan_BV)
-        assert s.scan_BV == cfg.scan_block_v or BH * triton_cdiv(V, 2 * s.scan_BV) < cfg.scan_min_programs, (BH, s.scan_BV)
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
+        assert s.scan_BV == cfg.scan_block_v or BH * -(-V // (2 * s.scan_BV)) < cfg.scan_min_programs, (BH, s.scan_BV)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])

@@ -364,7 +364,6 @@ def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    dt = w.dtype.element_ty
     o_c = tl.arange(0, C)
     n_valid = tl.minimum(T - i_t * C, C)
     m_c = o_c < n_valid
@@ -376,23 +375,25 @@ def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
     key_scale = beta_t
     if USE_G:
         key_scale = beta_t * tl.exp2(tl.load(b + row0 + o_c * H, mask=m_c, other=0.0))
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
-                     other=0.0).to(tl.float32)
-        x1 = (kt * key_scale[:, None]).to(dt).to(DOT)
-        wt = tl.dot(a, x1, tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
-        tl.store(w + hrow0 * K + o_c[:, None] * K + o_k[None, :], wt.to(dt), mask=m_k[None, :])
-    for i_v in range((V + BV - 1) // BV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        vt = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
-                     other=0.0).to(tl.float32)
-        x2 = (vt * beta_t[:, None]).to(dt).to(DOT)
-        ut = tl.dot(a, x2, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
-        tl.store(u + hrow0 * V + o_c[:, None] * V + o_v[None, :], ut.to(dt), mask=m_v[None, :])
+    _store_a_times_scaled(a, k, w, key_scale, row0, hrow0, o_c, m_c, H, K, C, BK, PREC, DOT)  # W
+    _store_a_times_scaled(a, v, u, beta_t, row0, hrow0, o_c, m_c, H, V, C, BV, PREC, DOT)  # U~
 
+
+@triton.jit
+def _store_a_times_scaled(a, x, out, row_scale, row0, hrow0, o_c, m_c, H: tl.constexpr, D: tl.constexpr,
+                          C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr):
+    """out = a @ diag(row_scale) X for one chunk, in column blocks of BD: X [B, T, H, D] from the chunk's
+    first token ``row0``, out head-major [B*H, NT*C, D] from row ``hrow0`` (input dtype; the scaled
+    tile rounded to it before the product)."""
+    dt = out.dtype.element_ty
+    for i_d in range((D + BD - 1) // BD):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        xt = tl.load(x + row0 * D + o_c[:, None] * (H * D) + o_d[None, :], mask=m_c[:, None] & m_d[None, :],
+                     other=0.0).to(tl.float32)
+        xs = (xt * row_scale[:, None]).to(dt).to(DOT)
+        acc = tl.dot(a, xs, tl.zeros([C, BD], dtype=tl.float32), input_precision=PREC)
+        tl.store(out + hrow0 * D + o_c[:, None] * D + o_d[None, :], acc.to(dt), mask=m_d[None, :])
 
 # --------------------------------------------------------------------------------------------
 # Forward, steps 2-3: the state scan and the chunk outputs
