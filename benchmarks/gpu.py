@@ -77,8 +77,6 @@ def check(args) -> list[dict]:
 
         # (``import linmix.ops.gla.triton as m`` would fail: linmix.ops.gla is also the op's name there)
         delta_triton = importlib.import_module("linmix.ops.delta_rule.triton")
-        gla_triton = importlib.import_module("linmix.ops.gla.triton")
-        gla_triton.GPU_MIN_HEAD_DIM = 0
         delta_triton.CHUNK_KERNELS_ON_GPU = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -170,7 +168,7 @@ def _check_isolated(args) -> list[dict]:
 
 def apply_gla_launch(text: str | None) -> None:
     """Set fields of gla's launch table from JSON: per kernel, e.g. '{"dv": {"num_warps": 4}}', or a field of
-    the LaunchConfig itself, e.g. '{"dqk_running_decay": true}'."""
+    the LaunchConfig itself, e.g. '{"chunk_size": 32}'."""
     if not text:
         return
     import importlib
@@ -422,7 +420,7 @@ def _tune_isolated(args) -> list[dict]:
 
 
 def profile(args) -> list[dict]:
-    """Per-kernel CUDA time of one fwd+bwd (B = 8, T = 8192, H = 16, K = V = 128, bf16), mean of 5 runs."""
+    """Per-kernel CUDA time of one fwd+bwd at ``--tune-shape`` (B x T; H = 16, K = V = 128, bf16), mean of 5 runs."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -433,7 +431,7 @@ def profile(args) -> list[dict]:
         if op in fla:
             impls.append(("fla", fla[op]))
         for name, fn in impls:
-            q, k, v, extra, _ = make_inputs(op, 8, 8192, 16, 128, 128, torch.bfloat16)
+            q, k, v, extra, _ = make_inputs(op, *args.tune_shape, 16, 128, 128, torch.bfloat16)
             leaves = [q, k, v, *extra.values()]
             for t in leaves:
                 t.requires_grad_(True)
@@ -472,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                    default=[(2, 8192), (1, 32768)], help="BxT shapes for check (default: 2x8192 1x32768)")
     p.add_argument("--tune-shape", type=lambda s: tuple(int(x) for x in s.split("x")), default=(8, 8192),
-                   help="BxT of the tune timings (default: 8x8192)")
+                   help="BxT of the tune and profile timings (default: 8x8192)")
     p.add_argument("--head-dims", nargs="+", default=["128"],
                    help="head dims for check: D (K = V = D) or K:V, e.g. 16:32 (default: 128)")
     p.add_argument("--isolate", action="store_true",

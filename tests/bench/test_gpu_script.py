@@ -35,9 +35,8 @@ def test_head_dims(gpu):
 
 def test_gla_launch_edits_kernels_and_config_fields(gpu, restored):
     launch = importlib.import_module("linmix.ops.gla.triton").LAUNCH
-    before = launch.kernels["dv"].num_warps, launch.dqk_running_decay
-    gpu.apply_gla_launch(json.dumps({"dv": {"num_warps": 2}, "dqk_running_decay": not before[1]}))
-    assert (launch.kernels["dv"].num_warps, launch.dqk_running_decay) == (2, not before[1])
+    gpu.apply_gla_launch(json.dumps({"dv": {"num_warps": 2}, "chunk_size": 32}))
+    assert (launch.kernels["dv"].num_warps, launch.chunk_size) == (2, 32)
     for bad in ({"nope": {"num_warps": 2}}, {"dv": {"nope": 1}}, {"nope": True}, {"kernels": 1}):
         with pytest.raises(SystemExit):
             gpu.apply_gla_launch(json.dumps(bad))
@@ -58,7 +57,7 @@ def test_delta_launch_edits_and_restores(gpu):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
 @pytest.mark.parametrize("argv", [
     ["check", "--isolate", "--force-kernels", "--head-dims", "16:32", "64", "--shapes", "2x4096"],
-    ["tune", "--isolate", "--ops", "gla", "--tune-shape", "2x32768", "--variants", "{}", '{"dqk_running_decay": true}'],
+    ["tune", "--isolate", "--ops", "gla", "--tune-shape", "2x32768", "--variants", "{}", '{"chunk_size": 32}'],
     ["profile", "--ops", "gla", "delta_rule"],
     ["bench", "--fla", "--seq-lens", "2048"],
 ])

@@ -224,16 +224,3 @@ def test_chunk_local_gate_gradient_identity():
         assert rel_err(from_tiles, boundary) < 1e-12
         dg[:, sl] = in_chunk + boundary[:, None]
     assert rel_err(dg, ref["g"]) < 1e-10
-
-
-@pytest.mark.parametrize("strong", [False, True], ids=["normal_gates", "strong_gates"])
-def test_dqk_running_decay(monkeypatch, strong):
-    """The dq/dk kernel's running-product decays (``LaunchConfig.dqk_running_decay``): the same gradients as the
-    reference, several chunks with a partial last one, K not a multiple of the tile, gates of -5 to -20 per step."""
-    monkeypatch.setattr(gla_triton.LAUNCH, "dqk_running_decay", True)
-    monkeypatch.setattr(gla_triton.LAUNCH.kernels["dqk"], "block_k", 32)
-    x = make_inputs(T=150, K=40, V=24)
-    if strong:
-        x["g"] = -5.0 - 15.0 * torch.rand_like(x["g"])
-    errs = assert_close_fwd_bwd(gla, x, backend="triton", tol=TOL, output_final_state=True)
-    assert all(np.isfinite(e) for e in errs.values())

@@ -38,9 +38,9 @@ the chunk is cut into sub-blocks of S = 16 positions:
 * the diagonal 16 x 16 sub-blocks are computed elementwise in float32, column by column from the
   last to the first: exp(b_i - b_j) = exp(b_i - b_{j+1}) * exp(b_{j+1} - b_j), a running product
   of factors <= 1 (one ``exp2`` per row instead of one per (i, j, k); nothing is ever divided).
-  The dq/dk kernel does the same with dA's rows and columns loaded per position (no reductions),
-  by default with one ``exp2`` per element of the exponent masked to <= 0, or with running products
-  (``LaunchConfig.dqk_running_decay``, not yet timed on the GPU).
+  The dq/dk kernel takes dA's rows and columns loaded per position (no reductions) and one ``exp2``
+  per element of the exponent masked to <= 0 (running products there, 16x fewer exp2 in two passes,
+  took 12.7 against 11.2 ms fwd+bwd on the H200 at the standard shape).
 
 Matmuls run ``tl.dot`` on the input dtype (bf16 / fp16 / fp32) with float32 accumulation; float32
 inputs use ``input_precision="ieee"``. Scans, gates, decays and every elementwise product are
@@ -88,8 +88,6 @@ Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
 
 import dataclasses
-import functools
-import logging
 
 import torch
 
@@ -99,9 +97,8 @@ from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recu
 from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.utils import run_packed
 from linmix.ops.common.varlen import max_seqlen
-from linmix.ops.dispatch import register, triton_interpreted
+from linmix.ops.dispatch import register
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["HAS_TRITON", "LAUNCH", "KernelLaunch", "LaunchConfig", "gla_chunk_triton"]
 
@@ -134,9 +131,6 @@ class LaunchConfig:
     Attributes:
         chunk_size: tokens per chunk when the caller passes ``chunk_size=None`` (rounded down to a power of
             two in [16, 128]; 64 fits the registers, 128 spills).
-        dqk_running_decay: how the dq/dk kernel forms the decays of its diagonal 16 x 16 sub-blocks:
-            running products (one exp2 of a [BK] step factor per position, two passes) instead of one
-            exp2 per element (16x more exp2, one pass). Off by default: not yet timed on the H200.
         kernels: per kernel: "states" (both state scans), "outputs", "dv", "dA", "dqk"; "cumsum" uses only
             ``num_warps`` (its tile is the widest block_k of the kernels that load b, which sets how far b is
             padded along K); "dA" has no K tile (it uses block_v, num_warps and num_stages).
@@ -146,11 +140,10 @@ class LaunchConfig:
     # checked there at K = V = 16 to 256. Hopper miscompilations decide some of them: 8 warps in "dv" gave NaN dv at
     # K = 32; 4 warps in "dqk" faulted (illegal memory access) at K = 128.
     chunk_size: int = 64
-    dqk_running_decay: bool = False
     kernels: dict[str, KernelLaunch] = dataclasses.field(default_factory=lambda: {
         "cumsum": KernelLaunch(num_warps=4),
         "states": KernelLaunch(num_warps=8),
-        "outputs": KernelLaunch(block_k=32, num_warps=4, num_stages=1),
+        "outputs": KernelLaunch(block_k=64, num_warps=4, num_stages=1),
         "dv": KernelLaunch(num_warps=4),
         "dA": KernelLaunch(num_warps=4),
         "dqk": KernelLaunch(block_k=64, num_warps=8, num_stages=1),
@@ -429,7 +422,7 @@ def _chunk_dA_kernel(v, do, dA, scale, T, Tp, H: tl.constexpr, V: tl.constexpr, 
 def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, T, Tp, NT,
                       H: tl.constexpr, K: tl.constexpr, Kp: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       S: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DG: tl.constexpr,
-                      RUNNING_DECAY: tl.constexpr, PREC: tl.constexpr):
+                      PREC: tl.constexpr):
     """dq, dk and the chunk-local dg for one chunk and K block (V looped for the inter-chunk parts), from the
     chunk's dA of :func:`_chunk_dA_kernel`."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -468,11 +461,8 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, T, Tp, NT,
     # Diagonal sub-blocks, elementwise, all NC of them at once, one position r of the sub-block per step:
     #   dq_i += dA_ir exp(b_i - b_r) k_r  (rows i > r),   dk_j += dA_rj exp(b_r - b_j) q_r  (columns j < r),
     # with dA's column r and row r loaded rather than extracted from a register tile (no reductions). Rows
-    # past T: k, q and dA are zero there. The decays, either way with every exponent <= 0:
-    # * RUNNING_DECAY: running products, one exp2 of a [NC, 1, BK] step factor per step, as the forward kernel
-    #   does: column r of D from column r + 1 (r descending, for dq), row r from row r - 1 (r ascending, for
-    #   dk), so dq and dk take a loop each;
-    # * otherwise one exp2 per element and step (the exponent masked to -inf where it would be positive).
+    # past T: k, q and dA are zero there. One exp2 per element and step, its exponent masked to -inf where it
+    # would be positive.
     o_n3 = tl.arange(0, NC)[:, None, None]
     o_s3 = tl.arange(0, S)[None, :, None]
     rows3 = o_n3 * S + o_s3  # [NC, S, 1]: the chunk rows of the sub-blocks
@@ -481,41 +471,18 @@ def _chunk_dqk_kernel(q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, T, Tp, NT,
     m_k3 = o_k3 < K
     dq3 = tl.zeros([NC, S, BK], dtype=tl.float32)
     dk3 = tl.zeros([NC, S, BK], dtype=tl.float32)
-    if RUNNING_DECAY:
-        decay = tl.zeros([NC, S, BK], dtype=tl.float32)  # column r of D: exp2(b_i - b_r) for i >= r, else 0
-        b_next = tl.load(p_b + (o_n3 * S + S - 1) * Kp + o_k3)
-        for step in range(S):
-            r = S - 1 - step
-            row_r = o_n3 * S + r  # [NC, 1, 1]
-            k_r = tl.load(k + row0 * K + row_r * (H * K) + o_k3, mask=(r < rows_left3) & m_k3, other=0.0).to(tl.float32)
-            b_r = tl.load(p_b + row_r * Kp + o_k3)
-            decay = tl.where(o_s3 == r, 1.0, decay * tl.exp2(b_next - b_r))
-            dA_col = tl.load(p_dA + rows3 * C + row_r, mask=o_s3 > r, other=0.0).to(tl.float32)  # dA_ir, i > r
-            dq3 += dA_col * decay * k_r
-            b_next = b_r
-        decay = tl.zeros([NC, S, BK], dtype=tl.float32)  # row r of D: exp2(b_r - b_j) for j <= r, else 0
-        b_prev = tl.load(p_b + o_n3 * S * Kp + o_k3)
-        for r in range(S):
-            row_r = o_n3 * S + r
-            q_r = tl.load(q + row0 * K + row_r * (H * K) + o_k3, mask=(r < rows_left3) & m_k3, other=0.0).to(tl.float32)
-            b_r = tl.load(p_b + row_r * Kp + o_k3)
-            decay = tl.where(o_s3 == r, 1.0, decay * tl.exp2(b_r - b_prev))
-            dA_row = tl.load(p_dA + row_r * C + rows3, mask=o_s3 < r, other=0.0).to(tl.float32)  # dA_rj, j < r
-            dk3 += dA_row * decay * q_r
-            b_prev = b_r
-    else:
-        b3 = tl.load(p_b + rows3 * Kp + o_k3)  # [NC, S, BK] (b is padded: no mask)
-        for r in range(S):
-            row_r = o_n3 * S + r  # [NC, 1, 1]
-            m_r = (r < rows_left3) & m_k3
-            k_r = tl.load(k + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)  # [NC, 1, BK]
-            q_r = tl.load(q + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)
-            b_r = tl.load(p_b + row_r * Kp + o_k3)
-            below, above = o_s3 > r, o_s3 < r
-            dA_col = tl.load(p_dA + rows3 * C + row_r, mask=below, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_ir
-            dA_row = tl.load(p_dA + row_r * C + rows3, mask=above, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_rj
-            dq3 += dA_col * tl.exp2(tl.where(below, b3 - b_r, float("-inf"))) * k_r
-            dk3 += dA_row * tl.exp2(tl.where(above, b_r - b3, float("-inf"))) * q_r
+    b3 = tl.load(p_b + rows3 * Kp + o_k3)  # [NC, S, BK] (b is padded: no mask)
+    for r in range(S):
+        row_r = o_n3 * S + r  # [NC, 1, 1]
+        m_r = (r < rows_left3) & m_k3
+        k_r = tl.load(k + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)  # [NC, 1, BK]
+        q_r = tl.load(q + row0 * K + row_r * (H * K) + o_k3, mask=m_r, other=0.0).to(tl.float32)
+        b_r = tl.load(p_b + row_r * Kp + o_k3)
+        below, above = o_s3 > r, o_s3 < r
+        dA_col = tl.load(p_dA + rows3 * C + row_r, mask=below, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_ir
+        dA_row = tl.load(p_dA + row_r * C + rows3, mask=above, other=0.0).to(tl.float32)  # [NC, S, 1]: dA_rj
+        dq3 += dA_col * tl.exp2(tl.where(below, b3 - b_r, float("-inf"))) * k_r
+        dk3 += dA_row * tl.exp2(tl.where(above, b_r - b3, float("-inf"))) * q_r
 
     qt = tl.load(q + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
     kt = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_ck, other=0.0).to(tl.float32)
@@ -583,7 +550,6 @@ class _Sizes:
         self.Tp = self.NT * self.C
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit inputs
         self.launch = {name: dataclasses.replace(kl) for name, kl in LAUNCH.kernels.items()}
-        self.running_decay = LAUNCH.dqk_running_decay
         self.BKp = max(_block(self.K, self.launch[name].block_k) for name in _READS_B)
         self.Kp = triton.cdiv(self.K, self.BKp) * self.BKp  # b padded along K to whole tiles of every kernel
 
@@ -651,7 +617,7 @@ def _chunk_dqk(q, k, v, b, h, do, dh, dA, scale, s: _Sizes, g_dtype: torch.dtype
     dg = q.new_empty(q.shape, dtype=g_dtype) if g_dtype is not None else None
     _chunk_dqk_kernel[(s.tiles("dqk")[0], s.NT, s.B * s.H)](
         q, k, v, b, h, do, dh, dA, dq, dk, dg, scale, s.T, s.Tp, s.NT, S=SUB_CHUNK, NC=s.C // SUB_CHUNK,
-        STORE_DG=dg is not None, RUNNING_DECAY=s.running_decay, **s.consts("dqk"))
+        STORE_DG=dg is not None, **s.consts("dqk"))
     return dq, dk, dg
 
 
@@ -729,18 +695,9 @@ def _bidirectional(q, k, v, g, *, scale, initial_state, output_final_state, chun
 
 
 # On the H200 (Triton 3.6) the kernels are verified at K = V = 16, 32, 64, 128 and 256, K = 96 / 64 with
-# V = 128 and K = 128 with V = 64. With the earlier launch table (8 warps in the dv kernel) dv came out NaN at
-# K = V = 32 -- 4 warps there fixed it -- and a GPU training run with K = 16, V = 32 per head ended in a CUDA
-# error in the backward (2026-11-30). That exact shape has not been re-run with the current table, so
-# smaller key head dims still run the PyTorch chunk form on CUDA (set this to 0 to use the kernels there;
-# check first with `benchmarks/gpu.py check --isolate --force-kernels --ops gla`).
-GPU_MIN_HEAD_DIM = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_small_head_dim(K: int) -> None:
-    logger.warning("gla: Triton chunk kernels are not yet verified on the GPU for key head dim K=%d < %d; "
-                   "running the PyTorch chunk form", K, GPU_MIN_HEAD_DIM)
+# V = 128, K = 128 with V = 64, and K = 16 / 32 with V = 32 / 64 (`benchmarks/gpu.py check --isolate --ops gla
+# --head-dims 16:32 32:64 16`, 2026-11-30). With an earlier launch table (8 warps in the dv kernel) dv came out
+# NaN at K = V = 32 and a training run at K = 16, V = 32 failed; 4 warps there fixed both.
 
 
 def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, scale: float,
@@ -756,11 +713,7 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if prefer_fused_recurrent(q, cu_seqlens, k, v, g, initial_state, causal=causal):
         return fused_recurrent(q, k, v, gk=g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens, validate=False)
-    K = q.shape[-1]
-    unverified = q.is_cuda and not triton_interpreted() and K < GPU_MIN_HEAD_DIM
-    if q.dtype == torch.float64 or unverified:  # float64: the PyTorch chunk form is exact there
-        if unverified:
-            _warn_small_head_dim(K)
+    if q.dtype == torch.float64:  # the PyTorch chunk form is exact there
         return decay_chunk(q, k, v, g, gate="vector", scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, causal=causal,
                            chunk_size=chunk_size)
