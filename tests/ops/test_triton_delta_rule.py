@@ -8,6 +8,7 @@ is no CUDA); if our kernel module was imported earlier without it, the module is
 Shapes are small: the interpreter runs every program of every grid in Python.
 """
 
+import dataclasses
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -187,6 +188,22 @@ def test_scan_tile_shrinks_for_few_heads():
         assert s.scan_BV == cfg.scan_block_v or BH * -(-V // (2 * s.scan_BV)) < cfg.scan_min_programs, (BH, s.scan_BV)
 
 
+def test_wy_form_when_the_scans_are_latency_bound(monkeypatch):
+    """``wy_precompute=None`` picks the WY form exactly when the scans would run fewer than ``scan_min_programs``
+    programs at their full V tile (the standard shape, K = V = 128: B * H = 32 at T = 32K -> WY, 128 at T = 8K ->
+    residual); True / False force either form."""
+    def wy(B, H):
+        x = torch.zeros(B, 64, H, 128)
+        return delta_rule_triton._Sizes(x, x).wy
+
+    cfg = delta_rule_triton.LAUNCH
+    assert cfg.wy_precompute is None and cfg.scan_min_programs == 128 and cfg.scan_block_v == 64
+    assert [wy(B, 16) for B in (1, 2, 3, 4, 8, 64)] == [True, True, True, False, False, False]  # 2 V tiles per head
+    for forced in (True, False):
+        monkeypatch.setattr(delta_rule_triton, "LAUNCH", dataclasses.replace(cfg, wy_precompute=forced))
+        assert wy(2, 16) is forced and wy(64, 16) is forced
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_backward_without_the_kept_solve(gated):
     """A forward run without ``keep_solve`` leaves the backward to recompute A and b: the same gradients as the
@@ -203,13 +220,14 @@ def test_backward_without_the_kept_solve(gated):
 
 
 # --------------------------------------------------------------------------------------------
-# LaunchConfig.wy_precompute: W and U~ formed before the scans (the other tests run the default path)
+# LaunchConfig.wy_precompute=False: U formed in the scan from A and the residual (the other tests run
+# the default path, with W and U~ formed before the scans)
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def wy_precompute(monkeypatch):
-    """Run the test with ``wy_precompute=True``, and fail it unless the WY kernels (W and U~, dX2) ran."""
-    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(wy_precompute=True))
+def residual_scan(monkeypatch):
+    """Run the test with ``wy_precompute=False``, and fail it if the WY kernels (W and U~, dX2) ran."""
+    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(wy_precompute=False))
     calls = {"_chunk_wy": 0, "_chunk_dx2": 0}
 
     def counted(name):
@@ -223,7 +241,7 @@ def wy_precompute(monkeypatch):
     for name in calls:
         monkeypatch.setattr(delta_rule_triton, name, counted(name))
     yield
-    assert all(calls.values()), f"the WY path did not run: {calls}"
+    assert not any(calls.values()), f"the WY kernels ran: {calls}"
 
 
 @pytest.fixture
@@ -235,25 +253,25 @@ def bf16_rounding_as_on_gpu(monkeypatch):
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 @pytest.mark.parametrize("T", [5, 64, 150])
-def test_wy_precompute_matches_reference(wy_precompute, gated, T):
+def test_residual_scan_matches_reference(residual_scan, gated, T):
     """T < 16, T = C, three chunks with a partial last one; initial and final state (and its gradient)."""
     check(make_inputs(B=1, T=T, gated=gated), output_final_state=True)
 
 
-def test_wy_precompute_varlen(wy_precompute):
+def test_residual_scan_varlen(residual_scan):
     """Ragged packed sequences (one empty, one crossing a chunk boundary), gated."""
     lengths = [70, 0, 5]
     x = make_inputs(B=1, T=sum(lengths), K=16, V=32, num_states=len(lengths))
     check(x, cu_seqlens=ragged_cu_seqlens(lengths), output_final_state=True)
 
 
-def test_wy_precompute_large_head_dims(wy_precompute):
-    """K = 128 (two K blocks in the W kernel, KP = 128 in the scans' W tile) and V = 80 (several V blocks)."""
+def test_residual_scan_large_head_dims(residual_scan):
+    """K = 128 (KP = 128 in the scans' key tile) and V = 80 (several V blocks), two chunks."""
     check(make_inputs(B=1, T=70, K=128, V=80), output_final_state=True)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_wy_precompute_bfloat16(wy_precompute, bf16_rounding_as_on_gpu, gated):
-    """bf16 inputs (W and U~ stored in bf16 too) against the float32 reference, at DESIGN's bf16 tolerance."""
+def test_residual_scan_bfloat16(residual_scan, bf16_rounding_as_on_gpu, gated):
+    """bf16 inputs against the float32 reference, at DESIGN's bf16 tolerance."""
     errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
     assert max(errs.values()) < TOL[torch.bfloat16], errs

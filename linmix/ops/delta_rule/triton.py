@@ -11,10 +11,11 @@ state entering chunk n:
     h_{n+1} = exp(b_C) h_n + (K * exp(b_C - b))^T U                             (pass_states_fwd)
     O   = (Q * exp(b)) h_n + ((Q K^T) o D) U,   D_ij = exp(b_i - b_j), i >= j   (chunk_outputs)
 
-By default U is formed in the scan as A times the residual of the values against the decayed
-state, so neither W = A diag(beta exp(b)) K nor U~ = A diag(beta) V is materialised (A is a
-quarter of their bytes at K = V = 128), and no two rounded large terms U~ and W h_n cancel.
-``LaunchConfig.wy_precompute`` materialises them instead (below).
+Two forms of the scans, chosen per call (``LaunchConfig.wy_precompute``, below): the *residual*
+form builds U in the scan as A times the residual of the values against the decayed state, so
+neither W = A diag(beta exp(b)) K nor U~ = A diag(beta) V is materialised (A is a quarter of their
+bytes at K = V = 128) and no two rounded large terms U~ and W h_n cancel; the *WY* form
+materialises them, which shortens each scan step.
 
 Backward, with dh_n the gradient of the state *leaving* chunk n (the incoming final-state
 gradient for the last one), P = (Q K^T) o D, X1 = diag(beta exp(b)) K and X2 = diag(beta) V
@@ -58,7 +59,7 @@ Kernels (the math step each computes, and its grid):
   their transposes loaded (a transposed load, not a transposed dot result); (NK, NT, B*H).
 * ``_gate_beta_grads_kernel``   sums the parts; dg by the in-chunk reverse cumsum; (NT, B).
 
-With ``LaunchConfig.wy_precompute`` (two more kernels; the others unchanged):
+In the WY form (two more kernels; the others unchanged):
 
 * ``_chunk_wy_kernel``          W = A diag(beta exp(b)) K and U~ = A diag(beta) V, head-major, input
   dtype (U~ in U's buffer); (NT, B*H). Run after the solve, in the forward and again in the backward.
@@ -67,15 +68,18 @@ With ``LaunchConfig.wy_precompute`` (two more kernels; the others unchanged):
   dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - W^T dU, with no A.
 * ``_chunk_dx2_kernel``         dX2 = A^T dU after the reverse scan; (NV, NT, B*H).
 
-What the option changes: each forward-scan step is two dependent products (W h_n, then the
+What the WY form changes: each forward-scan step is two dependent products (W h_n, then the
 state update) instead of three (K h_n, A times the residual, the update), and each reverse-scan
 step two (K dh_n, then W^T dU) instead of three (A^T dU in between); the A products move to
 parallel per-chunk kernels, at the cost of writing and reading W (k's bytes) and U~ per pass.
-The default path avoids the rounding of U~ and W h_n as separate terms (U~ and W are stored in
-the input dtype before they are combined); fla uses the precomputed form. The option is off by
-default until it is timed and checked on the H200 (``benchmarks/gpu.py check`` / ``tune`` with
-``--delta-launch '{"wy_precompute": true}'``). dX2's product rounds dU as the scans do
-(``scan_precision``), so both paths form dX2 from dU alike.
+The residual form avoids the rounding of U~ and W h_n as separate terms (U~ and W are stored in
+the input dtype before they are combined); fla uses the WY form. Which is faster depends on how
+many programs the scans run (measured on the H200, bf16, K = V = 128, fwd+bwd): with B * H = 32 at
+T = 32768 the scans are latency-bound and WY wins (DeltaNet 6.0 against 6.8 ms, gated 6.4 against
+7.2); with B * H = 128 at T = 8192 the residual form wins (5.1 against 5.4, gated 5.4 against 5.6).
+So by default (``wy_precompute=None``) the WY form runs when the scans would run fewer than
+``scan_min_programs`` programs at their full V tile, the same test that halves that tile.
+dX2's product rounds dU as the scans do (``scan_precision``), so both forms get dX2 from dU alike.
 
 The forward keeps A and b for the backward when there is one (A is C = 64 values per token and
 head, half of k's bytes at K = 128; recomputing it cost 1.1 ms of 9.2 at the standard shape on the
@@ -119,8 +123,9 @@ guards its gated delta-rule backward against it). An earlier version of these ke
 also launched 8 warps (the other miscompilation, see :class:`LaunchConfig`), and faulted on the
 H200; which of the two caused which fault was not isolated, both are avoided. ``tl.trans`` of a
 loaded tile is fine and used throughout. On the H200 (bf16, Triton 3.6, K = V = 16 to 256, T up to
-32K, the default launch) o and every gradient are within 3.3e-3 to 6.1e-3 relative L2 error of the
-float32 PyTorch chunk form, the final state within 2.3e-3 to 5e-3 (BENCHMARKS.md section 2).
+32K, the default launch, both scan forms) o and every gradient are within 3.2e-3 to 6.8e-3 relative L2
+error of the float32 PyTorch chunk form (the largest at K = 16), the final state within 2.3e-3 to 6.3e-3
+(BENCHMARKS.md section 2).
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The interpreter's
@@ -182,12 +187,16 @@ class LaunchConfig:
             --variants``; fla restricts its delta-rule kernels on Hopper the same way). 2 warps in
             the gradient kernel are correct but 7x slower. ``stages``: ``num_stages`` of all of them (None:
             Triton's default, except 1 for the two scans at K > 128, whose pipelined tiles would
-            not fit in shared memory).
+            not fit in shared memory); ``scan_stages``, when set, the two scans' instead. On the H200
+            at K = 128 (T = 32768, gated) 2 scan stages took 7.3 ms fwd+bwd against 6.4 with the
+            default, and 1 stage gave *wrong results* (relative error 1; K = 256 with 1 stage, the
+            default there, is right): re-check any change with ``benchmarks/gpu.py check``.
         wy_precompute: form W = A diag(beta exp(b)) K and U~ = A diag(beta) V per chunk in a
             parallel kernel before the forward scan, whose step is then U = U~ - W h_n and the
             state update (two dependent products, not three); the backward scan then stores dU
             and updates its state with W^T dU, and dX2 = A^T dU is formed after it, in parallel
-            (see the module docstring). Off by default until timed and checked on the H200.
+            (see the module docstring). None (the default): only when the scans are latency-bound,
+            i.e. would run fewer than ``scan_min_programs`` programs at their full V tile.
     """
 
     block_k: int = 64
@@ -209,7 +218,8 @@ class LaunchConfig:
     solve_precision: str = "tf32"
     scan_precision: str = "input"
     stages: int | None = None
-    wy_precompute: bool = False
+    scan_stages: int | None = None
+    wy_precompute: bool | None = None
 
 
 LAUNCH = LaunchConfig()
@@ -542,7 +552,8 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
                            DOT: tl.constexpr):
-    """P^T dO = scale * ((Q K^T) o D)^T dO for one chunk and V block (K looped); head-major, float32."""
+    """P^T dO = scale * ((Q K^T) o D)^T dO for one chunk and V block (K looped); head-major, in ``du_local``'s
+    dtype (``_Sizes.du_dtype``)."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     dt = q.dtype.element_ty
@@ -570,7 +581,7 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
     d_o = tl.load(do + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                   other=0.0).to(DOT)
     acc = tl.dot(scores_t.to(dt).to(DOT), d_o, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
-    tl.store(du_local + (hrow0 + o_c[:, None]) * V + o_v[None, :], acc, mask=m_v[None, :])
+    tl.store(du_local + (hrow0 + o_c[:, None]) * V + o_v[None, :], acc.to(du_local.dtype.element_ty), mask=m_v[None, :])
 
 
 @triton.jit
@@ -584,7 +595,7 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
     dh_{n-1} = exp(b_C) dh_n + scale * (Q exp(b))^T dO - W^T dU,  W^T dU = X1^T dX2, X1 = diag(beta exp(b)) K;
     what is left is d initial_state. As in the forward scan, the decays and beta scale the small
     [C, BV] tiles, and the key and query tiles enter the products as loaded.
-    WY (``LaunchConfig.wy_precompute``): dU (float32) overwrites ``du_local`` instead of dX2 being
+    WY (``LaunchConfig.wy_precompute``): dU overwrites ``du_local`` (its dtype) instead of dX2 being
     stored (``_chunk_dx2_kernel`` forms it after the scan), and W^T dU is one product with the
     loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -615,42 +626,43 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
         hrow = hrow0 + i_t * C
         tl.store(dh + (hrow0 // C + i_t) * K * V + kv_offs, dstate.to(dt), mask=m_kv)
         m_c = (i_t * C + o_c) < T
-        beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
         kc = tl.load(k + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
-        # dU = P^T dO + exp(b_C - b) * (K dh_n),  dX2 = A^T dU
-        k_dh = _dot_split(kc, dstate, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        qc = tl.load(q + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
+        d_o = tl.load(do + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        # dh_{n-1} = exp(b_C) dh_n + Q^T ((scale exp(b)) * dO) + K^T (-(beta exp(b)) * dX2)
+        #          = exp(b_C) dh_n + Q^T ((scale exp(b)) * dO) - W^T dU                        (WY)
+        # The first two terms do not depend on this step's dU: formed first, beside K dh_n, so a step is a
+        # chain of two dependent products (K dh_n, then W^T dU; three with A^T dU in between without WY).
         if USE_G:
             n_valid = tl.minimum(T - i_t * C, C)
             b_t = tl.load(b + tok + o_c * H, mask=m_c, other=0.0)
             b_last = last_valid(b_t, o_c, n_valid)
-            k_dh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
-        d_u = tl.load(du_local + hrow * V + offs_u, mask=m_v[None, :], other=0.0) + k_dh
-        if WY:
-            tl.store(du_local + hrow * V + offs_u, d_u, mask=m_v[None, :])  # dX2 = A^T dU: after the scan
+            e_b = tl.exp2(b_t)
+            d_o *= (scale * e_b)[:, None]
+            d_next = _dot_split(tl.trans(qc), d_o, dstate * tl.exp2(b_last), dt, PREC, DOT, SPLIT)
         else:
+            d_o *= scale
+            d_next = _dot_split(tl.trans(qc), d_o, dstate, dt, PREC, DOT, SPLIT)
+        # dU = P^T dO + exp(b_C - b) * (K dh_n),  dX2 = A^T dU
+        k_dh = _dot_split(kc, dstate, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+        if USE_G:
+            k_dh *= tl.exp2(tl.where(m_c, b_last - b_t, float("-inf")))[:, None]
+        d_u = tl.load(du_local + hrow * V + offs_u, mask=m_v[None, :], other=0.0).to(tl.float32) + k_dh
+        if WY:
+            # dX2 = A^T dU: after the scan
+            tl.store(du_local + hrow * V + offs_u, d_u.to(du_local.dtype.element_ty), mask=m_v[None, :])
+            wc = tl.load(w + hrow * K + offs_w, mask=m_k[None, :], other=0.0).to(DOT)
+            dstate = _dot_split(tl.trans(wc), -d_u, d_next, dt, PREC, DOT, SPLIT)
+        else:
+            beta_t = tl.load(beta + tok + o_c * H, mask=m_c, other=0.0).to(tl.float32)
             a_t = tl.load(A + hrow * C + offs_at, mask=o_c[None, :] >= o_c[:, None], other=0.0).to(DOT)
             d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
             tl.store(dx2 + hrow * V + offs_u, d_x2.to(dt), mask=m_v[None, :])
-        # dh_{n-1} = exp(b_C) dh_n + K^T (-(beta exp(b)) * dX2) + Q^T ((scale exp(b)) * dO)
-        #          = exp(b_C) dh_n - W^T dU + Q^T ((scale exp(b)) * dO)                        (WY)
-        qc = tl.load(q + tok * K + offs_k, mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)
-        d_o = tl.load(do + tok * V + offs_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        if USE_G:
-            dstate *= tl.exp2(b_last)
-            e_b = tl.exp2(b_t)
-            if not WY:
+            if USE_G:
                 d_x2 *= -(beta_t * e_b)[:, None]
-            d_o *= (scale * e_b)[:, None]
-        else:
-            if not WY:
+            else:
                 d_x2 *= -beta_t[:, None]
-            d_o *= scale
-        if WY:
-            wc = tl.load(w + hrow * K + offs_w, mask=m_k[None, :], other=0.0).to(DOT)
-            dstate = _dot_split(tl.trans(wc), -d_u, dstate, dt, PREC, DOT, SPLIT)
-        else:
-            dstate = _dot_split(tl.trans(kc), d_x2, dstate, dt, PREC, DOT, SPLIT)
-        dstate = _dot_split(tl.trans(qc), d_o, dstate, dt, PREC, DOT, SPLIT)
+            dstate = _dot_split(tl.trans(kc), d_x2, d_next, dt, PREC, DOT, SPLIT)
     if STORE_INITIAL_STATE_GRAD:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv_offs, dstate, mask=m_kv)
 
@@ -658,8 +670,8 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
 @triton.jit
 def _chunk_dx2_kernel(A, du, dx2, NT, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
-    """dX2 = A^T dU for one chunk and V block (``LaunchConfig.wy_precompute``), with dU (float32, head-major)
-    from the WY reverse scan; A^T by a transposed load. The product rounds dU as the scans' dots do
+    """dX2 = A^T dU for one chunk and V block (``LaunchConfig.wy_precompute``), with dU (head-major,
+    ``_Sizes.du_dtype``) from the WY reverse scan; A^T by a transposed load. The product rounds dU as the scans' dots do
     (``LaunchConfig.scan_precision``), as the reverse scan of the default path forms it."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dt = dx2.dtype.element_ty
@@ -670,7 +682,7 @@ def _chunk_dx2_kernel(A, du, dx2, NT, V: tl.constexpr, C: tl.constexpr, BV: tl.c
     a_t = tl.load(A + hrow0 * C + o_c[None, :] * C + o_c[:, None], mask=o_c[None, :] >= o_c[:, None],
                   other=0.0).to(DOT)
     offs = (hrow0 + o_c[:, None]) * V + o_v[None, :]
-    d_u = tl.load(du + offs, mask=m_v[None, :], other=0.0)
+    d_u = tl.load(du + offs, mask=m_v[None, :], other=0.0).to(tl.float32)
     d_x2 = _dot_split(a_t, d_u, tl.zeros([C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
     tl.store(dx2 + offs, d_x2.to(dt), mask=m_v[None, :])
 
@@ -880,6 +892,8 @@ class _Sizes:
         self.NK = triton.cdiv(self.K, self.grads_BK)  # the gradient kernel's K tiles
         self.KP = max(16, triton.next_power_of_2(self.K))
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
+        latency_bound = self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
+        self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
         while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
@@ -888,7 +902,8 @@ class _Sizes:
         # exceed the H200's shared memory at K = 256 (254 KB asked for, 227 KB there).
         wide = self.KP > 128
         self.scan_warps = cfg.warps_scan_wide if wide else cfg.warps_scan
-        self.scan_stages = 1 if wide and cfg.stages is None else cfg.stages
+        self.scan_stages = cfg.scan_stages if cfg.scan_stages is not None else (
+            1 if wide and cfg.stages is None else cfg.stages)
         exact = q.dtype == torch.float32
         self.prec = "ieee" if exact else "tf32"  # "tf32" is unused for 16-bit inputs
         self.solve_prec = "ieee" if exact else cfg.solve_precision
@@ -903,6 +918,9 @@ class _Sizes:
         self.scan_split = {"split": 2, "input": 1}.get(mode, 0)  # see _dot_split
         self.scan_dot_dtype = self.dot_dtype if mode in ("split", "input") else tl.float32
         self.scan_prec = mode if mode in ("tf32", "tf32x3", "ieee") else "tf32"  # "tf32": unused for 16 bits
+        # P^T dO and dU: the scans' dots round dU to the input dtype under "input" precision, so it is stored
+        # so (half the bytes; P^T dO is then rounded once more before K dh_n is added); float32 otherwise
+        self.du_dtype = q.dtype if self.scan_split == 1 else torch.float32
         self.cfg = cfg
 
     def consts(self, warps: int, drop: tuple = (), scan: bool = False, **blocks) -> dict:
@@ -939,7 +957,7 @@ def _chunk_wy(k, v, beta, b, A, s: _Sizes):
 def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
     """(h, U, final state or None, W or None): W (``LaunchConfig.wy_precompute``) for the reverse scan."""
     h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
-    if s.cfg.wy_precompute:
+    if s.wy:
         W, U = _chunk_wy(k, v, beta, b, A, s)  # U holds U~ until the scan overwrites it with U
     else:
         W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
@@ -958,7 +976,7 @@ def _chunk_outputs(q, k, U, b, h, scale, s: _Sizes, out_dtype):
 
 
 def _chunk_du_local(q, k, b, do, scale, s: _Sizes):
-    du_local = q.new_empty(s.B * s.H, s.NT * s.C, s.V, dtype=torch.float32)
+    du_local = q.new_empty(s.B * s.H, s.NT * s.C, s.V, dtype=s.du_dtype)
     _chunk_du_local_kernel[(s.NV, s.NT, s.B * s.H)](
         q, k, b, do, du_local, scale, s.T, s.NT, USE_G=b is not None,
         **s.consts(s.cfg.warps_du_local, BK=s.BK, BV=s.BV))
