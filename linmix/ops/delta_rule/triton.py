@@ -64,9 +64,11 @@ In the WY form (two more kernels; the others unchanged):
 * ``_chunk_wy_kernel``          W = A diag(beta exp(b)) K and U~ = A diag(beta) V, head-major, input
   dtype (U~ in U's buffer); (NT, B*H). Run after the solve, in the forward and again in the backward.
 * ``_pass_states_fwd_kernel``   (``WY``) U = U~ - W h_n, then the state update as before.
-* ``_pass_states_bwd_kernel``   (``WY``) stores dU (float32, over P^T dO's buffer) and updates
+* ``_pass_states_bwd_kernel``   (``WY``) stores dU (over P^T dO's buffer, in its dtype) and updates
   dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - W^T dU, with no A.
 * ``_chunk_dx2_kernel``         dX2 = A^T dU after the reverse scan; (NV, NT, B*H).
+* ``_chunk_wy_pairs_kernel``    (``LaunchConfig.scan_pairs``, off by default) the WY form of each pair
+  of chunks, for a forward scan that steps two chunks at a time; (NT / 2, B*H).
 
 What the WY form changes: each forward-scan step is two dependent products (W h_n, then the
 state update) instead of three (K h_n, A times the residual, the update), and each reverse-scan
@@ -197,6 +199,11 @@ class LaunchConfig:
             and updates its state with W^T dU, and dX2 = A^T dU is formed after it, in parallel
             (see the module docstring). None (the default): only when the scans are latency-bound,
             i.e. would run fewer than ``scan_min_programs`` programs at their full V tile.
+        scan_pairs: in the WY form at K <= 128, let the forward scan (run in the forward and again in
+            the backward) step two chunks at a time: ``_chunk_wy_pairs_kernel`` folds each pair's
+            second chunk into the pair's WY form, so a step is two dependent [2C]-row products per
+            two chunks instead of four (the scans are latency-bound where the WY form runs).
+            Interpreter-tested, off until timed and checked on the H200.
     """
 
     block_k: int = 64
@@ -220,6 +227,7 @@ class LaunchConfig:
     stages: int | None = None
     scan_stages: int | None = None
     wy_precompute: bool | None = None
+    scan_pairs: bool = False
 
 
 LAUNCH = LaunchConfig()
@@ -405,6 +413,65 @@ def _store_a_times_scaled(a, x, out, row_scale, row0, hrow0, o_c, m_c, H: tl.con
         acc = tl.dot(a, xs, tl.zeros([C, BD], dtype=tl.float32), input_precision=PREC)
         tl.store(out + hrow0 * D + o_c[:, None] * D + o_d[None, :], acc.to(dt), mask=m_d[None, :])
 
+
+@triton.jit
+def _chunk_wy_pairs_kernel(k, b, w, u, wp, T, NT,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                           DOT: tl.constexpr):
+    """For one pair of chunks (a, b) = (2p, 2p + 1) (``LaunchConfig.scan_pairs``): the WY form of the pair, so
+    the forward scan can step two chunks at a time.
+
+    With h the state entering a, U_a = U~_a - W_a h and the state entering b,
+    h_b = exp(b_C^a) h + (K_a exp(b_C^a - b^a))^T U_a, chunk b's U_b = U~_b - W_b h_b is
+
+        U_b = (U~_b - M U~_a) - (exp(b_C^a) W_b - M W_a) h,   M = W_b (K_a exp(b_C^a - b^a))^T  ([C, C]).
+
+    Writes wp's rows of the pair as [W_a; exp(b_C^a) W_b - M W_a] (head-major like W) and U~_b - M U~_a over
+    U~_b in ``u``. Chunk a is whole (only the last chunk can be partial); rows of b past T come out zero (W_b
+    and U~_b are zero there). M is rounded to the input dtype before its two products.
+    """
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = w.dtype.element_ty
+    o_c = tl.arange(0, C)
+    row_a = (i_b.to(tl.int64) * T + 2 * i_p * C) * H + i_h  # [B, T, H] index of chunk a's first token
+    hrow_a = (i_bh.to(tl.int64) * NT + 2 * i_p) * C  # its head-major row; chunk b's is hrow_a + C
+    decay_a = tl.full([C], 1.0, dtype=tl.float32)  # exp(b_C^a - b^a)
+    gamma_a = 1.0
+    if USE_G:
+        b_a = tl.load(b + row_a + o_c * H)
+        b_last = last_valid(b_a, o_c, C)
+        decay_a = tl.exp2(b_last - b_a)
+        gamma_a = tl.exp2(b_last)
+    m_mat = tl.zeros([C, C], dtype=tl.float32)  # M = W_b (K_a decay_a)^T, K looped
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        w_b = tl.load(w + (hrow_a + C + o_c[:, None]) * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(DOT)
+        k_at = tl.load(k + row_a * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None],
+                       other=0.0).to(tl.float32)  # K_a^T, a transposed load
+        m_mat = tl.dot(w_b, (k_at * decay_a[None, :]).to(dt).to(DOT), m_mat, input_precision=PREC)
+    m_mat = m_mat.to(dt).to(DOT)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        offs = (hrow_a + o_c[:, None]) * K + o_k[None, :]
+        w_a = tl.load(w + offs, mask=m_k[None, :], other=0.0)
+        w_b = tl.load(w + offs + C * K, mask=m_k[None, :], other=0.0).to(tl.float32)
+        w_pb = gamma_a * w_b - tl.dot(m_mat, w_a.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+        tl.store(wp + offs, w_a, mask=m_k[None, :])
+        tl.store(wp + offs + C * K, w_pb.to(dt), mask=m_k[None, :])
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        offs = (hrow_a + o_c[:, None]) * V + o_v[None, :]
+        u_a = tl.load(u + offs, mask=m_v[None, :], other=0.0).to(DOT)
+        u_b = tl.load(u + offs + C * V, mask=m_v[None, :], other=0.0).to(tl.float32)
+        u_pb = u_b - tl.dot(m_mat, u_a, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
+        tl.store(u + offs + C * V, u_pb.to(dt), mask=m_v[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward, steps 2-3: the state scan and the chunk outputs
 # --------------------------------------------------------------------------------------------
@@ -430,11 +497,12 @@ def _dot_split(a, x, acc, dt: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexp
 
 
 @triton.jit
-def _pass_states_fwd_kernel(k, v, beta, b, A, w, h0, h, u, ht, T, NT,
+def _pass_states_fwd_kernel(k, v, beta, b, A, w, wp, h0, h, u, ht, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                            SPLIT: tl.constexpr):
     """Scan over chunks: store h_n, then U = A diag(beta) (V - (K exp(b)) h_n) (stored) and
     h_{n+1} = exp(b_C) h_n + (K exp(b_C - b))^T U.
 
@@ -443,6 +511,10 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, w, h0, h, u, ht, T, NT,
     [KP, BV] state (all of K: the residual needs K h_n) stays in float32 registers.
     WY (``LaunchConfig.wy_precompute``): U = U~ - W h_n instead, with W ([B*H, NT*C, K]) and U~
     (in ``u``, overwritten by U) from ``_chunk_wy_kernel``; A, v and beta are not read.
+    PAIRS (``LaunchConfig.scan_pairs``, with WY): two chunks per step while whole pairs are left, from the
+    pair form of ``_chunk_wy_pairs_kernel`` (wp, and U~ of every second chunk replaced in ``u``):
+    U_pair = U~_pair - Wp_pair h, the state after the pair in one product with the pair's 2C keys, and the
+    state between the two chunks (stored only) in another; a last odd chunk takes the one-chunk step.
     """
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -466,7 +538,42 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, w, h0, h, u, ht, T, NT,
     offs_a = o_c[:, None] * C + o_c[None, :]  # [C, C] of A
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
     offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
-    for i_t in range(NT):
+    first = 0
+    if PAIRS:
+        o_2c = tl.arange(0, 2 * C)
+        in_a = o_2c < C
+        offs_k2 = o_2c[:, None] * (H * K) + o_k[None, :]  # [2C, KP]: the pair's keys
+        offs_u2 = o_2c[:, None] * V + o_v[None, :]  # [2C, BV] head-major
+        offs_w2 = o_2c[:, None] * K + o_k[None, :]  # [2C, KP] head-major (wp)
+        for i_p in range(NT // 2):
+            i_t = 2 * i_p
+            tok = row0 + i_t * C * H
+            hrow = hrow0 + i_t * C
+            tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
+            m_2c = (i_t * C + o_2c) < T  # chunk a is whole; chunk b may be partial
+            kc = tl.load(k + tok * K + offs_k2, mask=m_2c[:, None] & m_k[None, :], other=0.0).to(DOT)
+            wc = tl.load(wp + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
+            ut = tl.load(u + hrow * V + offs_u2, mask=m_v[None, :], other=0.0).to(tl.float32)
+            ut -= _dot_split(wc, state, tl.zeros([2 * C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
+            tl.store(u + hrow * V + offs_u2, ut.to(dt), mask=m_v[None, :])
+            # state entering b: exp(b_C^a) h + K_a^T (exp(b_C^a - b^a) U_a); after b: exp(b_C^a + b_C^b) h +
+            # K_pair^T (r U_pair), r = exp(b_C^a + b_C^b - b^a) on a's rows, exp(b_C^b - b^b) on b's
+            if USE_G:
+                b_t = tl.load(b + tok + o_2c * H, mask=m_2c, other=0.0)
+                last_a = last_valid(b_t, o_2c, C)
+                last_b = last_valid(b_t, o_2c, tl.minimum(T - i_t * C, 2 * C))
+                to_end = tl.where(in_a, last_a + last_b, last_b) - b_t
+                r_a = tl.where(in_a, tl.exp2(last_a - b_t), 0.0)
+                r = tl.exp2(tl.where(m_2c, to_end, float("-inf")))
+                h_b = _dot_split(tl.trans(kc), ut * r_a[:, None], state * tl.exp2(last_a), dt, PREC, DOT, SPLIT)
+                state = _dot_split(tl.trans(kc), ut * r[:, None], state * tl.exp2(last_a + last_b), dt, PREC,
+                                   DOT, SPLIT)
+            else:
+                h_b = _dot_split(tl.trans(kc), ut * in_a.to(tl.float32)[:, None], state, dt, PREC, DOT, SPLIT)
+                state = _dot_split(tl.trans(kc), ut, state, dt, PREC, DOT, SPLIT)
+            tl.store(h + (hrow0 // C + i_t + 1) * K * V + kv_offs, h_b.to(dt), mask=m_kv)
+        first = (NT // 2) * 2
+    for i_t in range(first, NT):
         tok = row0 + i_t * C * H  # the chunk's first token
         hrow = hrow0 + i_t * C
         tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
@@ -894,6 +1001,8 @@ class _Sizes:
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
         latency_bound = self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
         self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
+        # two chunks per forward-scan step: WY form only, and K <= 128 (the [2C, K] tiles' shared memory)
+        self.scan_pairs = cfg.scan_pairs and self.wy and self.KP <= 128 and self.NT >= 2
         while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
@@ -961,11 +1070,24 @@ def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
         W, U = _chunk_wy(k, v, beta, b, A, s)  # U holds U~ until the scan overwrites it with U
     else:
         W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
+    Wp = _chunk_wy_pairs(k, b, W, U, s) if s.scan_pairs else None  # U~ of every second chunk replaced in U
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
+    consts = s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True)
+    if Wp is not None and s.cfg.scan_stages is None:
+        consts["num_stages"] = 2  # the pair tiles: three pipeline stages of them exceed the H200's shared memory
     _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
-        k, v, beta, b, A, W, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=store_final, WY=W is not None, **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
+        k, v, beta, b, A, W, Wp, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=store_final, WY=W is not None, PAIRS=Wp is not None, **consts)
     return h, U, ht, W
+
+
+def _chunk_wy_pairs(k, b, W, U, s: _Sizes):
+    """Wp [B*H, NT*C, K] (input dtype; the rows of a last odd chunk unused), and U~_b - M U~_a over U~_b in U:
+    see ``_chunk_wy_pairs_kernel``."""
+    Wp = torch.empty_like(W)
+    _chunk_wy_pairs_kernel[(s.NT // 2, s.B * s.H)](k, b, W, U, Wp, s.T, s.NT, USE_G=b is not None,
+                                                   **s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV))
+    return Wp
 
 
 def _chunk_outputs(q, k, U, b, h, scale, s: _Sizes, out_dtype):
