@@ -250,12 +250,21 @@ def residual_scan(monkeypatch):
     assert not any(calls.values()), f"the WY kernels ran: {calls}"
 
 
-@pytest.fixture
-def scan_pairs(monkeypatch):
-    """Run the test with ``scan_pairs=True`` (and the WY form); the pair kernel must run where a pair exists."""
-    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(wy_precompute=True,
-                                                                                    scan_pairs=True))
-    return count_launches(monkeypatch, ["_chunk_wy_pairs"])
+PAIR_KERNELS = {"scan_pairs": "_chunk_wy_pairs", "reverse_scan_pairs": "_chunk_reverse_pairs"}
+
+
+@pytest.fixture(params=[("scan_pairs",), ("reverse_scan_pairs",), ("scan_pairs", "reverse_scan_pairs")],
+                ids=["forward", "reverse", "both"])
+def scan_pairs(monkeypatch, request):
+    """Run the test with the WY form and pair steps in the forward scan, the reverse scan or both, and check that
+    exactly the pair kernels asked for ran (none when the test sets ``expect["pairs"] = False``: one chunk)."""
+    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(
+        wy_precompute=True, **dict.fromkeys(request.param, True)))
+    calls = count_launches(monkeypatch, list(PAIR_KERNELS.values()))
+    expect = {"pairs": True}
+    yield expect
+    on = {PAIR_KERNELS[name] for name in request.param}
+    assert all((calls[n] > 0) == (expect["pairs"] and n in on) for n in calls), calls
 
 
 @pytest.fixture
@@ -300,8 +309,8 @@ def test_residual_scan_bfloat16(residual_scan, bf16_rounding_as_on_gpu, gated):
 def test_scan_pairs_matches_reference(scan_pairs, gated, T):
     """One chunk (no pair: the one-chunk step only), a pair with a partial second chunk, a whole pair, a pair and
     a last odd chunk, two pairs; initial and final state (and its gradient), strong-ish gates included."""
+    scan_pairs["pairs"] = T > 64
     check(make_inputs(B=1, T=T, gated=gated, strength="strong" if T == 150 else "normal"), output_final_state=True)
-    assert (scan_pairs["_chunk_wy_pairs"] > 0) == (T > 64), scan_pairs
 
 
 def test_scan_pairs_varlen_and_wide_values(scan_pairs):
@@ -310,7 +319,6 @@ def test_scan_pairs_varlen_and_wide_values(scan_pairs):
     lengths = [150, 0, 5]
     x = make_inputs(B=1, T=sum(lengths), K=64, V=80, num_states=len(lengths))
     check(x, cu_seqlens=ragged_cu_seqlens(lengths), output_final_state=True)
-    assert scan_pairs["_chunk_wy_pairs"] > 0
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -318,7 +326,6 @@ def test_scan_pairs_bfloat16(scan_pairs, bf16_rounding_as_on_gpu, gated):
     """bf16 inputs (Wp and the pairs' U~ stored in bf16) against the float32 reference, at DESIGN's bf16 tolerance."""
     errs = bf16_errors(make_inputs(B=1, T=200, K=32, V=32, gated=gated, dtype=torch.bfloat16))
     assert max(errs.values()) < TOL[torch.bfloat16], errs
-    assert scan_pairs["_chunk_wy_pairs"] > 0
 
 
 def test_scan_pairs_only_where_they_apply(monkeypatch):

@@ -69,6 +69,8 @@ In the WY form (two more kernels; the others unchanged):
 * ``_chunk_dx2_kernel``         dX2 = A^T dU after the reverse scan; (NV, NT, B*H).
 * ``_chunk_wy_pairs_kernel``    (``LaunchConfig.scan_pairs``, off by default) the WY form of each pair
   of chunks, for a forward scan that steps two chunks at a time; (NT / 2, B*H).
+* ``_chunk_reverse_pairs_kernel`` (``LaunchConfig.reverse_scan_pairs``, off by default) the same for
+  the reverse scan; (NT / 2, B*H).
 
 What the WY form changes: each forward-scan step is two dependent products (W h_n, then the
 state update) instead of three (K h_n, A times the residual, the update), and each reverse-scan
@@ -204,6 +206,8 @@ class LaunchConfig:
             second chunk into the pair's WY form, so a step is two dependent [2C]-row products per
             two chunks instead of four (the scans are latency-bound where the WY form runs).
             Interpreter-tested, off until timed and checked on the H200.
+        reverse_scan_pairs: the same for the reverse scan (``_chunk_reverse_pairs_kernel``): two
+            dependent products per two chunks instead of four. Interpreter-tested, off until timed.
     """
 
     block_k: int = 64
@@ -228,6 +232,7 @@ class LaunchConfig:
     scan_stages: int | None = None
     wy_precompute: bool | None = None
     scan_pairs: bool = False
+    reverse_scan_pairs: bool = False
 
 
 LAUNCH = LaunchConfig()
@@ -472,6 +477,84 @@ def _chunk_wy_pairs_kernel(k, b, w, u, wp, T, NT,
         tl.store(u + offs + C * V, u_pb.to(dt), mask=m_v[None, :])
 
 
+@triton.jit
+def _chunk_reverse_pairs_kernel(q, k, b, w, do, du_local, kp, scale, T, NT,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                                DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """For one pair of chunks (a, b) = (2p, 2p + 1) (``LaunchConfig.reverse_scan_pairs``): the pair form of the
+    reverse scan, so it can step two chunks at a time.
+
+    With dh the gradient of the state leaving b, E_n = diag(exp(b_C^n - b^n)) and G_b = Q_b^T (scale exp(b^b) dO_b):
+    dU_b = P^T dO_b + E_b K_b dh, the gradient leaving a is exp(b_C^b) dh + G_b - W_b^T dU_b, so
+
+        dU_a = (P^T dO_a + R dO_b - N P^T dO_b) + (exp(b_C^b) E_a K_a - N E_b K_b) dh,
+        N = E_a K_a W_b^T,   R = E_a K_a (Q_b scale exp(b^b))^T   ([C, C] each).
+
+    Writes kp's rows of the pair as [exp(b_C^b) E_a K_a - N E_b K_b; E_b K_b] (head-major, input dtype) and the
+    first bracket over P^T dO_a in ``du_local``. Chunk a is whole; rows of b past T come out zero. N and R are
+    rounded to the input dtype before their products; the products with P^T dO_b round it as the scans do.
+    """
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    dt = kp.dtype.element_ty
+    o_c = tl.arange(0, C)
+    row_a = (i_b.to(tl.int64) * T + 2 * i_p * C) * H + i_h  # [B, T, H] index of chunk a's first token
+    row_b = row_a + C * H
+    hrow_a = (i_bh.to(tl.int64) * NT + 2 * i_p) * C  # its head-major row; chunk b's is hrow_a + C
+    m_b = ((2 * i_p + 1) * C + o_c) < T
+    e_a = tl.full([C], 1.0, dtype=tl.float32)  # exp(b_C^a - b^a)
+    e_b = tl.where(m_b, 1.0, 0.0)  # exp(b_C^b - b^b), zero past T
+    q_b_scale = tl.full([C], scale, dtype=tl.float32)  # scale exp(b^b)
+    gamma_b = 1.0
+    if USE_G:
+        b_a = tl.load(b + row_a + o_c * H)
+        b_b = tl.load(b + row_b + o_c * H, mask=m_b, other=0.0)
+        last_b = last_valid(b_b, o_c, tl.minimum(T - (2 * i_p + 1) * C, C))
+        e_a = tl.exp2(last_valid(b_a, o_c, C) - b_a)
+        e_b = tl.exp2(tl.where(m_b, last_b - b_b, float("-inf")))
+        q_b_scale = scale * tl.exp2(b_b)
+        gamma_b = tl.exp2(last_b)
+    n_mat = tl.zeros([C, C], dtype=tl.float32)
+    r_mat = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        k_a = tl.load(k + row_a * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
+        k_a = (k_a.to(tl.float32) * e_a[:, None]).to(dt).to(DOT)
+        w_bt = tl.load(w + (hrow_a + C + o_c[None, :]) * K + o_k[:, None], mask=m_k[:, None],
+                       other=0.0).to(DOT)  # W_b^T, a transposed load
+        q_bt = tl.load(q + row_b * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_b[None, :],
+                       other=0.0).to(tl.float32)  # Q_b^T, a transposed load
+        n_mat = tl.dot(k_a, w_bt, n_mat, input_precision=PREC)
+        r_mat = tl.dot(k_a, (q_bt * q_b_scale[None, :]).to(dt).to(DOT), r_mat, input_precision=PREC)
+    n_mat = n_mat.to(dt).to(DOT)
+    r_mat = r_mat.to(dt).to(DOT)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        k_a = tl.load(k + row_a * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
+        k_b = tl.load(k + row_b * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_b[:, None] & m_k[None, :],
+                      other=0.0)
+        k_b = (k_b.to(tl.float32) * e_b[:, None]).to(dt)
+        kp_a = tl.dot(n_mat, k_b.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
+        kp_a = (gamma_b * e_a)[:, None] * k_a.to(tl.float32) - kp_a
+        offs = (hrow_a + o_c[:, None]) * K + o_k[None, :]
+        tl.store(kp + offs, kp_a.to(dt), mask=m_k[None, :])
+        tl.store(kp + offs + C * K, k_b, mask=m_k[None, :])
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        offs = (hrow_a + o_c[:, None]) * V + o_v[None, :]
+        d_ob = tl.load(do + row_b * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_b[:, None] & m_v[None, :],
+                       other=0.0).to(DOT)
+        du_b = tl.load(du_local + offs + C * V, mask=m_v[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(r_mat, d_ob, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
+        acc = _dot_split(-n_mat, du_b, acc, dt, PREC, DOT, SPLIT)
+        acc += tl.load(du_local + offs, mask=m_v[None, :], other=0.0).to(tl.float32)
+        tl.store(du_local + offs, acc.to(du_local.dtype.element_ty), mask=m_v[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward, steps 2-3: the state scan and the chunk outputs
 # --------------------------------------------------------------------------------------------
@@ -692,11 +775,12 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
 
 
 @triton.jit
-def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
+def _pass_states_bwd_kernel(q, k, beta, b, A, w, kp, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_FINAL_STATE_GRAD: tl.constexpr, STORE_INITIAL_STATE_GRAD: tl.constexpr,
-                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+                            SPLIT: tl.constexpr):
     """Reverse scan: store dh_n (gradient of the state leaving chunk n) and dX2 = A^T dU with
     dU = P^T dO + (K exp(b_C - b)) dh_n, then
     dh_{n-1} = exp(b_C) dh_n + scale * (Q exp(b))^T dO - W^T dU,  W^T dU = X1^T dX2, X1 = diag(beta exp(b)) K;
@@ -704,7 +788,11 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
     [C, BV] tiles, and the key and query tiles enter the products as loaded.
     WY (``LaunchConfig.wy_precompute``): dU overwrites ``du_local`` (its dtype) instead of dX2 being
     stored (``_chunk_dx2_kernel`` forms it after the scan), and W^T dU is one product with the
-    loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used."""
+    loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used.
+    PAIRS (``LaunchConfig.reverse_scan_pairs``, with WY): a last odd chunk takes the one-chunk step, then two
+    chunks per step from the pair form of ``_chunk_reverse_pairs_kernel`` (kp, and P^T dO of every first chunk
+    replaced in ``du_local``): dU_pair = P^T dO_pair + Kp_pair dh, then the state gradient entering the pair in
+    one product with the pair's W, and the one between the two chunks (stored only) in another."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     dt = dh.dtype.element_ty
@@ -727,7 +815,10 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
     offs_at = o_c[None, :] * C + o_c[:, None]  # [C, C]: A^T
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
     offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
-    for i_r in range(NT):
+    n_single = NT
+    if PAIRS:
+        n_single = NT % 2  # the last chunk alone when NT is odd, then the pairs (2p, 2p + 1) downwards
+    for i_r in range(n_single):
         i_t = NT - 1 - i_r
         tok = row0 + i_t * C * H  # the chunk's first token
         hrow = hrow0 + i_t * C
@@ -770,6 +861,47 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0
             else:
                 d_x2 *= -beta_t[:, None]
             dstate = _dot_split(tl.trans(kc), d_x2, d_next, dt, PREC, DOT, SPLIT)
+    if PAIRS:
+        o_2c = tl.arange(0, 2 * C)
+        in_a = o_2c < C
+        offs_k2 = o_2c[:, None] * (H * K) + o_k[None, :]  # [2C, KP]: the pair's queries
+        offs_v2 = o_2c[:, None] * (H * V) + o_v[None, :]  # [2C, BV]: the pair's dO
+        offs_u2 = o_2c[:, None] * V + o_v[None, :]  # [2C, BV] head-major
+        offs_w2 = o_2c[:, None] * K + o_k[None, :]  # [2C, KP] head-major (W, kp)
+        for i_q in range(NT // 2):
+            i_t = 2 * (NT // 2 - 1 - i_q)  # chunk a of the pair; b = a + 1
+            tok = row0 + i_t * C * H
+            hrow = hrow0 + i_t * C
+            tl.store(dh + (hrow0 // C + i_t + 1) * K * V + kv_offs, dstate.to(dt), mask=m_kv)  # leaving b
+            m_2c = (i_t * C + o_2c) < T  # chunk a is whole; chunk b may be partial
+            kpc = tl.load(kp + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
+            qc = tl.load(q + tok * K + offs_k2, mask=m_2c[:, None] & m_k[None, :], other=0.0).to(DOT)
+            wc = tl.load(w + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
+            d_o = tl.load(do + tok * V + offs_v2, mask=m_2c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            # entering the pair: exp(b_C^a + b_C^b) dh + Q_pair^T (scale exp(c) dO) - W_pair^T (s dU), with c = b^a
+            # on a's rows and b_C^a + b^b on b's, s = 1 on a's rows and exp(b_C^a) on b's; entering b (stored):
+            # exp(b_C^b) dh + Q_b^T (scale exp(b^b) dO_b) - W_b^T dU_b
+            in_b = 1.0 - in_a.to(tl.float32)
+            if USE_G:
+                b_t = tl.load(b + tok + o_2c * H, mask=m_2c, other=0.0)
+                last_a = last_valid(b_t, o_2c, C)
+                last_b = last_valid(b_t, o_2c, tl.minimum(T - i_t * C, 2 * C))
+                e_b = tl.exp2(b_t)
+                d_next = _dot_split(tl.trans(qc), d_o * (scale * tl.where(in_a, e_b, tl.exp2(last_a) * e_b))[:, None],
+                                    dstate * tl.exp2(last_a + last_b), dt, PREC, DOT, SPLIT)
+                d_mid = _dot_split(tl.trans(qc), d_o * (scale * in_b * e_b)[:, None], dstate * tl.exp2(last_b),
+                                   dt, PREC, DOT, SPLIT)
+                s_du = tl.where(in_a, 1.0, tl.exp2(last_a))
+            else:
+                d_next = _dot_split(tl.trans(qc), d_o * scale, dstate, dt, PREC, DOT, SPLIT)
+                d_mid = _dot_split(tl.trans(qc), d_o * (scale * in_b)[:, None], dstate, dt, PREC, DOT, SPLIT)
+                s_du = tl.full([2 * C], 1.0, dtype=tl.float32)
+            d_u = _dot_split(kpc, dstate, tl.load(du_local + hrow * V + offs_u2, mask=m_v[None, :], other=0.0)
+                             .to(tl.float32), dt, PREC, DOT, SPLIT)
+            tl.store(du_local + hrow * V + offs_u2, d_u.to(du_local.dtype.element_ty), mask=m_v[None, :])
+            dstate = _dot_split(tl.trans(wc), -(d_u * s_du[:, None]), d_next, dt, PREC, DOT, SPLIT)
+            d_mid = _dot_split(tl.trans(wc), -(d_u * in_b[:, None]), d_mid, dt, PREC, DOT, SPLIT)
+            tl.store(dh + (hrow0 // C + i_t) * K * V + kv_offs, d_mid.to(dt), mask=m_kv)  # leaving a
     if STORE_INITIAL_STATE_GRAD:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv_offs, dstate, mask=m_kv)
 
@@ -1003,6 +1135,7 @@ class _Sizes:
         self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
         # two chunks per forward-scan step: WY form only, and K <= 128 (the [2C, K] tiles' shared memory)
         self.scan_pairs = cfg.scan_pairs and self.wy and self.KP <= 128 and self.NT >= 2
+        self.reverse_pairs = cfg.reverse_scan_pairs and self.wy and self.KP <= 128 and self.NT >= 2
         while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
@@ -1111,13 +1244,28 @@ def _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s: _Sizes, s
     dh = q.new_empty(s.B * s.H, s.NT, s.K, s.V)
     dx2 = q.new_empty(s.B * s.H, s.NT * s.C, s.V)
     dh0 = q.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_initial_grad else None
+    Kp = _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s) if s.reverse_pairs else None
+    consts = s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True)
+    if Kp is not None and s.cfg.scan_stages is None:
+        consts["num_stages"] = 2  # as for the forward pairs
     _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
-        q, k, beta, b, A, W, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
+        q, k, beta, b, A, W, Kp, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
         USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad, WY=W is not None,
-        **s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True))
+        PAIRS=Kp is not None, **consts)
     if W is not None:
         _chunk_dx2(A, du_local, dx2, s)
     return dh, dx2, dh0
+
+
+def _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s: _Sizes):
+    """Kp [B*H, NT*C, K] (input dtype; the rows of a last odd chunk unused), and the pairs' first-chunk P^T dO
+    replaced in ``du_local``: see ``_chunk_reverse_pairs_kernel``."""
+    Kp = torch.empty_like(W)
+    dots = dict(PREC=s.scan_prec, DOT=s.scan_dot_dtype, SPLIT=s.scan_split)  # as _chunk_dx2
+    _chunk_reverse_pairs_kernel[(s.NT // 2, s.B * s.H)](q, k, b, W, do, du_local, Kp, scale, s.T, s.NT,
+                                                        USE_G=b is not None,
+                                                        **(s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV) | dots))
+    return Kp
 
 
 def _chunk_dx2(A, du, dx2, s: _Sizes):
