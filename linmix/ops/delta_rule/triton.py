@@ -208,6 +208,9 @@ class LaunchConfig:
             Interpreter-tested, off until timed and checked on the H200.
         reverse_scan_pairs: the same for the reverse scan (``_chunk_reverse_pairs_kernel``): two
             dependent products per two chunks instead of four. Interpreter-tested, off until timed.
+            The pair scans run 2 pipeline stages unless ``scan_stages`` says otherwise; the reverse
+            one loads three [2C, K] tiles per step, which at K = 128 may not fit the H200's shared
+            memory twice over (not yet compiled there).
     """
 
     block_k: int = 64
