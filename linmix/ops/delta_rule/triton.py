@@ -1136,9 +1136,10 @@ class _Sizes:
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
         latency_bound = self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
         self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
-        # two chunks per forward-scan step: WY form only, and K <= 128 (the [2C, K] tiles' shared memory)
-        self.scan_pairs = cfg.scan_pairs and self.wy and self.KP <= 128 and self.NT >= 2
-        self.reverse_pairs = cfg.reverse_scan_pairs and self.wy and self.KP <= 128 and self.NT >= 2
+        # two chunks per scan step: WY form only, and K <= 128 (the [2C, K] tiles' shared memory)
+        pairs_fit = self.wy and self.KP <= 128 and self.NT >= 2
+        self.scan_pairs = cfg.scan_pairs and pairs_fit
+        self.reverse_pairs = cfg.reverse_scan_pairs and pairs_fit
         while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
@@ -1163,21 +1164,29 @@ class _Sizes:
         self.scan_split = {"split": 2, "input": 1}.get(mode, 0)  # see _dot_split
         self.scan_dot_dtype = self.dot_dtype if mode in ("split", "input") else tl.float32
         self.scan_prec = mode if mode in ("tf32", "tf32x3", "ieee") else "tf32"  # "tf32": unused for 16 bits
+        # the scans' dot constants, also for the per-chunk products that take their float32 operands (dU)
+        self.scan_dots = dict(PREC=self.scan_prec, DOT=self.scan_dot_dtype, SPLIT=self.scan_split)
         # P^T dO and dU: the scans' dots round dU to the input dtype under "input" precision, so it is stored
         # so (half the bytes; P^T dO is then rounded once more before K dh_n is added); float32 otherwise
         self.du_dtype = q.dtype if self.scan_split == 1 else torch.float32
         self.cfg = cfg
 
     def consts(self, warps: int, drop: tuple = (), scan: bool = False, **blocks) -> dict:
-        prec, dot = (self.scan_prec, self.scan_dot_dtype) if scan else (self.prec, self.dot_dtype)
-        kw = dict(H=self.H, K=self.K, V=self.V, C=self.C, PREC=prec, DOT=dot, num_warps=warps, **blocks)
-        if scan:
-            kw["SPLIT"] = self.scan_split
+        dots = self.scan_dots if scan else dict(PREC=self.prec, DOT=self.dot_dtype)
+        kw = dict(H=self.H, K=self.K, V=self.V, C=self.C, num_warps=warps, **blocks) | dots
         for name in drop:
             del kw[name]
         stages = self.scan_stages if scan else self.cfg.stages
         if stages is not None:
             kw["num_stages"] = stages
+        return kw
+
+    def scan_consts(self, pairs: bool) -> dict:
+        """The two scans' launch constants; with pair steps 2 pipeline stages unless ``scan_stages`` is set (three
+        stages of the pair tiles exceed the H200's shared memory)."""
+        kw = self.consts(self.scan_warps, KP=self.KP, BV=self.scan_BV, scan=True)
+        if pairs and self.cfg.scan_stages is None:
+            kw["num_stages"] = 2
         return kw
 
 
@@ -1208,12 +1217,9 @@ def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
         W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
     Wp = _chunk_wy_pairs(k, b, W, U, s) if s.scan_pairs else None  # U~ of every second chunk replaced in U
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
-    consts = s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True)
-    if Wp is not None and s.cfg.scan_stages is None:
-        consts["num_stages"] = 2  # the pair tiles: three pipeline stages of them exceed the H200's shared memory
     _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
         k, v, beta, b, A, W, Wp, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=store_final, WY=W is not None, PAIRS=Wp is not None, **consts)
+        STORE_FINAL_STATE=store_final, WY=W is not None, PAIRS=Wp is not None, **s.scan_consts(Wp is not None))
     return h, U, ht, W
 
 
@@ -1248,13 +1254,10 @@ def _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s: _Sizes, s
     dx2 = q.new_empty(s.B * s.H, s.NT * s.C, s.V)
     dh0 = q.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_initial_grad else None
     Kp = _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s) if s.reverse_pairs else None
-    consts = s.consts(s.scan_warps, KP=s.KP, BV=s.scan_BV, scan=True)
-    if Kp is not None and s.cfg.scan_stages is None:
-        consts["num_stages"] = 2  # as for the forward pairs
     _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
         q, k, beta, b, A, W, Kp, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
         USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad, WY=W is not None,
-        PAIRS=Kp is not None, **consts)
+        PAIRS=Kp is not None, **s.scan_consts(Kp is not None))
     if W is not None:
         _chunk_dx2(A, du_local, dx2, s)
     return dh, dx2, dh0
@@ -1264,19 +1267,17 @@ def _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s: _Sizes):
     """Kp [B*H, NT*C, K] (input dtype; the rows of a last odd chunk unused), and the pairs' first-chunk P^T dO
     replaced in ``du_local``: see ``_chunk_reverse_pairs_kernel``."""
     Kp = torch.empty_like(W)
-    dots = dict(PREC=s.scan_prec, DOT=s.scan_dot_dtype, SPLIT=s.scan_split)  # as _chunk_dx2
     _chunk_reverse_pairs_kernel[(s.NT // 2, s.B * s.H)](q, k, b, W, do, du_local, Kp, scale, s.T, s.NT,
                                                         USE_G=b is not None,
-                                                        **(s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV) | dots))
+                                                        **(s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV) | s.scan_dots))
     return Kp
 
 
 def _chunk_dx2(A, du, dx2, s: _Sizes):
     """dX2 = A^T dU into ``dx2`` (``LaunchConfig.wy_precompute``): see ``_chunk_dx2_kernel``."""
-    # dU rounded as the scans round their operands (LaunchConfig.scan_precision), as the default path does
-    dots = dict(PREC=s.scan_prec, DOT=s.scan_dot_dtype, SPLIT=s.scan_split)
+    # dU rounded as the scans round their operands (LaunchConfig.scan_precision), as the residual form does
     _chunk_dx2_kernel[(s.NV, s.NT, s.B * s.H)](A, du, dx2, s.NT,
-                                               **(s.consts(s.cfg.warps_dx2, BV=s.BV, drop=("H", "K")) | dots))
+                                               **(s.consts(s.cfg.warps_dx2, BV=s.BV, drop=("H", "K")) | s.scan_dots))
 
 
 def _chunk_grads(q, k, v, beta, b, h, dh, U, dx2, do, scale, s: _Sizes):
