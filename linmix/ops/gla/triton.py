@@ -94,6 +94,7 @@ import torch
 from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.streams import Fork, on_side
 from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.utils import run_packed
 from linmix.ops.common.varlen import max_seqlen
@@ -571,12 +572,15 @@ def _chunk_cumsum(g: torch.Tensor, s: _Sizes) -> torch.Tensor:
     return b
 
 
-def _pass_states_fwd(k, v, b, initial_state, s: _Sizes, store_final: bool):
+def _pass_states_fwd(k, v, b, initial_state, s: _Sizes, store_final: bool, fork: Fork | None = None):
+    """(h, final state or None); with ``fork`` the scan runs on its side stream (the caller joins before
+    reading h)."""
     h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
-    _pass_states_fwd_kernel[(*s.tiles("states"), s.B * s.H)](
-        k, v, b, initial_state, h, ht, s.T, s.Tp, s.NT, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=store_final, **s.consts("states"))
+    with on_side(fork):
+        _pass_states_fwd_kernel[(*s.tiles("states"), s.B * s.H)](
+            k, v, b, initial_state, h, ht, s.T, s.Tp, s.NT, USE_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=store_final, **s.consts("states"))
     return h, ht
 
 
@@ -657,11 +661,14 @@ def _backward(inputs, saved, grads, consts, needs):
     b = _chunk_cumsum(g.contiguous(), s)  # recomputed: cheaper than keeping a float32 [B, T, H, K] alive
     if A is None:  # (a forward run without store_scores)
         A = _chunk_outputs(q, k, v, b, None, scale, s, store_scores=True, store_output=False)[1]
-    # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes.
-    h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False)
+    # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes, on a side stream
+    # beside the reverse scan and dv, which do not read them (linmix.ops.common.streams); joined before dq / dk.
+    fork = Fork(q)
+    h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False, fork=fork)
     dh, dh0 = _pass_states_bwd(q, b, do, dht, scale, s, store_initial_grad=needs[4])
     dv = _chunk_dv(k, b, A, do, dh, s)
     dA = _chunk_dA(v, do, scale, s)  # once per chunk, read by every K tile of the dq / dk kernel
+    fork.join()
     dq, dk, dg = _chunk_dqk(q, k, v, b, h, do, dh, dA, scale, s, g.dtype if needs[3] else None)
     del dA  # [B*H, NT*C, C]: not kept past the kernel that reads it
     if dh0 is not None:

@@ -67,6 +67,7 @@ import torch
 from linmix.ops.common.custom_op import TritonOp
 from linmix.ops.common.decay_chunk import _reverse_gate, decay_chunk
 from linmix.ops.common.fused_recurrent import fused_recurrent, prefer_fused_recurrent
+from linmix.ops.common.streams import Fork, on_side
 from linmix.ops.common.triton_import import HAS_TRITON, tl, triton
 from linmix.ops.common.triton_tiles import causal_decay, causal_decay_t, last_valid
 from linmix.ops.common.utils import run_packed
@@ -378,12 +379,15 @@ def _chunk_cumsum(g: torch.Tensor, s: _Sizes) -> torch.Tensor:
     return b
 
 
-def _pass_states_fwd(k, v, b, initial_state, s: _Sizes, store_final: bool):
+def _pass_states_fwd(k, v, b, initial_state, s: _Sizes, store_final: bool, fork: Fork | None = None):
+    """(h, final state or None); with ``fork`` the scan runs on its side stream (the caller joins before
+    reading h)."""
     h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
-    _pass_states_fwd_kernel[(s.NK, s.NV, s.B * s.H)](
-        k, v, b, initial_state, h, ht, s.T, s.NT, USE_G=b is not None,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=store_final, **s.consts())
+    with on_side(fork):
+        _pass_states_fwd_kernel[(s.NK, s.NV, s.B * s.H)](
+            k, v, b, initial_state, h, ht, s.T, s.NT, USE_G=b is not None,
+            USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=store_final, **s.consts())
     return h, ht
 
 
@@ -449,10 +453,13 @@ def _backward(inputs, saved, grads, consts, needs):
     dht = None if dht is None else dht.float().contiguous()
     h0f = None if h0 is None else h0.float().contiguous()
     b = None if g is None else _chunk_cumsum(g.contiguous(), s)
-    # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes.
-    h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False)
+    # Recompute the chunk states rather than keeping [B, H, NT, K, V] alive between passes, on a side stream
+    # beside the reverse scan and dv, which do not read them (linmix.ops.common.streams); joined before dq / dk.
+    fork = Fork(q)
+    h, _ = _pass_states_fwd(k, v, b, h0f, s, store_final=False, fork=fork)
     dh, dh0 = _pass_states_bwd(q, b, do, dht, scale, s, store_initial_grad=needs[4])
     dv = _chunk_dv(q, k, b, do, dh, scale, s)
+    fork.join()
     dq, dk, dg_part = _chunk_dqk(q, k, v, b, h, do, dh, scale, s)
     dg = None
     if b is not None and needs[3]:
