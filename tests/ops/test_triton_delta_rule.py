@@ -250,23 +250,6 @@ def residual_scan(monkeypatch):
     assert not any(calls.values()), f"the WY kernels ran: {calls}"
 
 
-PAIR_KERNELS = {"scan_pairs": "_chunk_wy_pairs", "reverse_scan_pairs": "_chunk_reverse_pairs"}
-
-
-@pytest.fixture(params=[("scan_pairs",), ("reverse_scan_pairs",), ("scan_pairs", "reverse_scan_pairs")],
-                ids=["forward", "reverse", "both"])
-def scan_pairs(monkeypatch, request):
-    """Run the test with the WY form and pair steps in the forward scan, the reverse scan or both, and check that
-    exactly the pair kernels asked for ran (none when the test sets ``expect["pairs"] = False``: one chunk)."""
-    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(
-        wy_precompute=True, **dict.fromkeys(request.param, True)))
-    calls = count_launches(monkeypatch, list(PAIR_KERNELS.values()))
-    expect = {"pairs": True}
-    yield expect
-    on = {PAIR_KERNELS[name] for name in request.param}
-    assert all((calls[n] > 0) == (expect["pairs"] and n in on) for n in calls), calls
-
-
 @pytest.fixture
 def bf16_rounding_as_on_gpu(monkeypatch):
     """float32 -> bf16 casts rounded to nearest even, as on the GPU (the bf16 dot itself is handled by the
@@ -298,45 +281,3 @@ def test_residual_scan_bfloat16(residual_scan, bf16_rounding_as_on_gpu, gated):
     """bf16 inputs against the float32 reference, at DESIGN's bf16 tolerance."""
     errs = bf16_errors(make_inputs(B=1, T=100, K=32, V=32, gated=gated, dtype=torch.bfloat16))
     assert max(errs.values()) < TOL[torch.bfloat16], errs
-
-
-# --------------------------------------------------------------------------------------------
-# LaunchConfig.scan_pairs: the forward scan two chunks per step (WY form)
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-@pytest.mark.parametrize("T", [64, 100, 128, 150, 256])
-def test_scan_pairs_matches_reference(scan_pairs, gated, T):
-    """One chunk (no pair: the one-chunk step only), a pair with a partial second chunk, a whole pair, a pair and
-    a last odd chunk, two pairs; initial and final state (and its gradient), strong-ish gates included."""
-    scan_pairs["pairs"] = T > 64
-    check(make_inputs(B=1, T=T, gated=gated, strength="strong" if T == 150 else "normal"), output_final_state=True)
-
-
-def test_scan_pairs_varlen_and_wide_values(scan_pairs):
-    """Ragged packed sequences (one empty, the longest three chunks) with K = 64 and V = 80 (several V blocks in the
-    pair kernel, two scan programs per head)."""
-    lengths = [150, 0, 5]
-    x = make_inputs(B=1, T=sum(lengths), K=64, V=80, num_states=len(lengths))
-    check(x, cu_seqlens=ragged_cu_seqlens(lengths), output_final_state=True)
-
-
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_scan_pairs_bfloat16(scan_pairs, bf16_rounding_as_on_gpu, gated):
-    """bf16 inputs (Wp and the pairs' U~ stored in bf16) against the float32 reference, at DESIGN's bf16 tolerance."""
-    errs = bf16_errors(make_inputs(B=1, T=200, K=32, V=32, gated=gated, dtype=torch.bfloat16))
-    assert max(errs.values()) < TOL[torch.bfloat16], errs
-
-
-def test_scan_pairs_only_where_they_apply(monkeypatch):
-    """Pairs need the WY form, K <= 128 and two chunks."""
-    monkeypatch.setattr(delta_rule_triton, "LAUNCH", delta_rule_triton.LaunchConfig(scan_pairs=True))
-
-    def pairs(B, T, K, wy):
-        monkeypatch.setattr(delta_rule_triton.LAUNCH, "wy_precompute", wy)
-        q = torch.zeros(B, T, 16, K)
-        return delta_rule_triton._Sizes(q, q).scan_pairs
-
-    assert pairs(2, 128, 128, True) and pairs(2, 128, 128, None)  # B * H = 32: the WY form by default
-    assert not pairs(64, 128, 128, None) and not pairs(2, 128, 128, False)  # the residual form
-    assert not pairs(2, 64, 128, True) and not pairs(2, 128, 256, True)  # one chunk; K > 128

@@ -67,10 +67,6 @@ In the WY form (two more kernels; the others unchanged):
 * ``_pass_states_bwd_kernel``   (``WY``) stores dU (over P^T dO's buffer, in its dtype) and updates
   dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - W^T dU, with no A.
 * ``_chunk_dx2_kernel``         dX2 = A^T dU after the reverse scan; (NV, NT, B*H).
-* ``_chunk_wy_pairs_kernel``    (``LaunchConfig.scan_pairs``, off by default) the WY form of each pair
-  of chunks, for a forward scan that steps two chunks at a time; (NT / 2, B*H).
-* ``_chunk_reverse_pairs_kernel`` (``LaunchConfig.reverse_scan_pairs``, off by default) the same for
-  the reverse scan; (NT / 2, B*H).
 
 What the WY form changes: each forward-scan step is two dependent products (W h_n, then the
 state update) instead of three (K h_n, A times the residual, the update), and each reverse-scan
@@ -84,6 +80,13 @@ T = 32768 the scans are latency-bound and WY wins (DeltaNet 6.0 against 6.8 ms, 
 So by default (``wy_precompute=None``) the WY form runs when the scans would run fewer than
 ``scan_min_programs`` programs at their full V tile, the same test that halves that tile.
 dX2's product rounds dU as the scans do (``scan_precision``), so both forms get dX2 from dU alike.
+Tried at T = 32768 and removed (H200, bf16, fwd+bwd, DeltaNet / gated): scans that step two chunks at
+a time from a per-pair WY form computed in parallel (two dependent products per two chunks instead
+of four; correct, but 7.11 / 7.51 ms with the forward pair scan against 6.01 / 6.45, 6.34 / 7.29 with
+the reverse one); and the backward's recomputing forward scan on a side stream beside the reverse
+scan, which speeds up simple_gla and gla (:mod:`linmix.ops.common.streams`) but not these scans
+(6.09 / 6.47 against 6.00 / 6.44; not profiled: the two scans' pipelined tiles probably do not fit
+in one SM's shared memory together, so they cannot run side by side).
 
 The forward keeps A and b for the backward when there is one (A is C = 64 values per token and
 head, half of k's bytes at K = 128; recomputing it cost 1.1 ms of 9.2 at the standard shape on the
@@ -201,16 +204,6 @@ class LaunchConfig:
             and updates its state with W^T dU, and dX2 = A^T dU is formed after it, in parallel
             (see the module docstring). None (the default): only when the scans are latency-bound,
             i.e. would run fewer than ``scan_min_programs`` programs at their full V tile.
-        scan_pairs: in the WY form at K <= 128, let the forward scan (run in the forward and again in
-            the backward) step two chunks at a time: ``_chunk_wy_pairs_kernel`` folds each pair's
-            second chunk into the pair's WY form, so a step is two dependent [2C]-row products per
-            two chunks instead of four (the scans are latency-bound where the WY form runs).
-            Interpreter-tested, off until timed and checked on the H200.
-        reverse_scan_pairs: the same for the reverse scan (``_chunk_reverse_pairs_kernel``): two
-            dependent products per two chunks instead of four. Interpreter-tested, off until timed.
-            The pair scans run 2 pipeline stages unless ``scan_stages`` says otherwise; the reverse
-            one loads three [2C, K] tiles per step, which at K = 128 may not fit the H200's shared
-            memory twice over (not yet compiled there).
     """
 
     block_k: int = 64
@@ -234,8 +227,6 @@ class LaunchConfig:
     stages: int | None = None
     scan_stages: int | None = None
     wy_precompute: bool | None = None
-    scan_pairs: bool = False
-    reverse_scan_pairs: bool = False
 
 
 LAUNCH = LaunchConfig()
@@ -421,143 +412,6 @@ def _store_a_times_scaled(a, x, out, row_scale, row0, hrow0, o_c, m_c, H: tl.con
         acc = tl.dot(a, xs, tl.zeros([C, BD], dtype=tl.float32), input_precision=PREC)
         tl.store(out + hrow0 * D + o_c[:, None] * D + o_d[None, :], acc.to(dt), mask=m_d[None, :])
 
-
-@triton.jit
-def _chunk_wy_pairs_kernel(k, b, w, u, wp, T, NT,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
-                           DOT: tl.constexpr):
-    """For one pair of chunks (a, b) = (2p, 2p + 1) (``LaunchConfig.scan_pairs``): the WY form of the pair, so
-    the forward scan can step two chunks at a time.
-
-    With h the state entering a, U_a = U~_a - W_a h and the state entering b,
-    h_b = exp(b_C^a) h + (K_a exp(b_C^a - b^a))^T U_a, chunk b's U_b = U~_b - W_b h_b is
-
-        U_b = (U~_b - M U~_a) - (exp(b_C^a) W_b - M W_a) h,   M = W_b (K_a exp(b_C^a - b^a))^T  ([C, C]).
-
-    Writes wp's rows of the pair as [W_a; exp(b_C^a) W_b - M W_a] (head-major like W) and U~_b - M U~_a over
-    U~_b in ``u``. Chunk a is whole (only the last chunk can be partial); rows of b past T come out zero (W_b
-    and U~_b are zero there). M is rounded to the input dtype before its two products.
-    """
-    i_p, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    dt = w.dtype.element_ty
-    o_c = tl.arange(0, C)
-    row_a = (i_b.to(tl.int64) * T + 2 * i_p * C) * H + i_h  # [B, T, H] index of chunk a's first token
-    hrow_a = (i_bh.to(tl.int64) * NT + 2 * i_p) * C  # its head-major row; chunk b's is hrow_a + C
-    decay_a = tl.full([C], 1.0, dtype=tl.float32)  # exp(b_C^a - b^a)
-    gamma_a = 1.0
-    if USE_G:
-        b_a = tl.load(b + row_a + o_c * H)
-        b_last = last_valid(b_a, o_c, C)
-        decay_a = tl.exp2(b_last - b_a)
-        gamma_a = tl.exp2(b_last)
-    m_mat = tl.zeros([C, C], dtype=tl.float32)  # M = W_b (K_a decay_a)^T, K looped
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        w_b = tl.load(w + (hrow_a + C + o_c[:, None]) * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(DOT)
-        k_at = tl.load(k + row_a * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None],
-                       other=0.0).to(tl.float32)  # K_a^T, a transposed load
-        m_mat = tl.dot(w_b, (k_at * decay_a[None, :]).to(dt).to(DOT), m_mat, input_precision=PREC)
-    m_mat = m_mat.to(dt).to(DOT)
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        offs = (hrow_a + o_c[:, None]) * K + o_k[None, :]
-        w_a = tl.load(w + offs, mask=m_k[None, :], other=0.0)
-        w_b = tl.load(w + offs + C * K, mask=m_k[None, :], other=0.0).to(tl.float32)
-        w_pb = gamma_a * w_b - tl.dot(m_mat, w_a.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
-        tl.store(wp + offs, w_a, mask=m_k[None, :])
-        tl.store(wp + offs + C * K, w_pb.to(dt), mask=m_k[None, :])
-    for i_v in range((V + BV - 1) // BV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        offs = (hrow_a + o_c[:, None]) * V + o_v[None, :]
-        u_a = tl.load(u + offs, mask=m_v[None, :], other=0.0).to(DOT)
-        u_b = tl.load(u + offs + C * V, mask=m_v[None, :], other=0.0).to(tl.float32)
-        u_pb = u_b - tl.dot(m_mat, u_a, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
-        tl.store(u + offs + C * V, u_pb.to(dt), mask=m_v[None, :])
-
-
-@triton.jit
-def _chunk_reverse_pairs_kernel(q, k, b, w, do, du_local, kp, scale, T, NT,
-                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
-                                DOT: tl.constexpr, SPLIT: tl.constexpr):
-    """For one pair of chunks (a, b) = (2p, 2p + 1) (``LaunchConfig.reverse_scan_pairs``): the pair form of the
-    reverse scan, so it can step two chunks at a time.
-
-    With dh the gradient of the state leaving b, E_n = diag(exp(b_C^n - b^n)) and G_b = Q_b^T (scale exp(b^b) dO_b):
-    dU_b = P^T dO_b + E_b K_b dh, the gradient leaving a is exp(b_C^b) dh + G_b - W_b^T dU_b, so
-
-        dU_a = (P^T dO_a + R dO_b - N P^T dO_b) + (exp(b_C^b) E_a K_a - N E_b K_b) dh,
-        N = E_a K_a W_b^T,   R = E_a K_a (Q_b scale exp(b^b))^T   ([C, C] each).
-
-    Writes kp's rows of the pair as [exp(b_C^b) E_a K_a - N E_b K_b; E_b K_b] (head-major, input dtype) and the
-    first bracket over P^T dO_a in ``du_local``. Chunk a is whole; rows of b past T come out zero. N and R are
-    rounded to the input dtype before their products; the products with P^T dO_b round it as the scans do.
-    """
-    i_p, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    dt = kp.dtype.element_ty
-    o_c = tl.arange(0, C)
-    row_a = (i_b.to(tl.int64) * T + 2 * i_p * C) * H + i_h  # [B, T, H] index of chunk a's first token
-    row_b = row_a + C * H
-    hrow_a = (i_bh.to(tl.int64) * NT + 2 * i_p) * C  # its head-major row; chunk b's is hrow_a + C
-    m_b = ((2 * i_p + 1) * C + o_c) < T
-    e_a = tl.full([C], 1.0, dtype=tl.float32)  # exp(b_C^a - b^a)
-    e_b = tl.where(m_b, 1.0, 0.0)  # exp(b_C^b - b^b), zero past T
-    q_b_scale = tl.full([C], scale, dtype=tl.float32)  # scale exp(b^b)
-    gamma_b = 1.0
-    if USE_G:
-        b_a = tl.load(b + row_a + o_c * H)
-        b_b = tl.load(b + row_b + o_c * H, mask=m_b, other=0.0)
-        last_b = last_valid(b_b, o_c, tl.minimum(T - (2 * i_p + 1) * C, C))
-        e_a = tl.exp2(last_valid(b_a, o_c, C) - b_a)
-        e_b = tl.exp2(tl.where(m_b, last_b - b_b, float("-inf")))
-        q_b_scale = scale * tl.exp2(b_b)
-        gamma_b = tl.exp2(last_b)
-    n_mat = tl.zeros([C, C], dtype=tl.float32)
-    r_mat = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        k_a = tl.load(k + row_a * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
-        k_a = (k_a.to(tl.float32) * e_a[:, None]).to(dt).to(DOT)
-        w_bt = tl.load(w + (hrow_a + C + o_c[None, :]) * K + o_k[:, None], mask=m_k[:, None],
-                       other=0.0).to(DOT)  # W_b^T, a transposed load
-        q_bt = tl.load(q + row_b * K + o_c[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_b[None, :],
-                       other=0.0).to(tl.float32)  # Q_b^T, a transposed load
-        n_mat = tl.dot(k_a, w_bt, n_mat, input_precision=PREC)
-        r_mat = tl.dot(k_a, (q_bt * q_b_scale[None, :]).to(dt).to(DOT), r_mat, input_precision=PREC)
-    n_mat = n_mat.to(dt).to(DOT)
-    r_mat = r_mat.to(dt).to(DOT)
-    for i_k in range((K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        k_a = tl.load(k + row_a * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_k[None, :], other=0.0)
-        k_b = tl.load(k + row_b * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_b[:, None] & m_k[None, :],
-                      other=0.0)
-        k_b = (k_b.to(tl.float32) * e_b[:, None]).to(dt)
-        kp_a = tl.dot(n_mat, k_b.to(DOT), tl.zeros([C, BK], dtype=tl.float32), input_precision=PREC)
-        kp_a = (gamma_b * e_a)[:, None] * k_a.to(tl.float32) - kp_a
-        offs = (hrow_a + o_c[:, None]) * K + o_k[None, :]
-        tl.store(kp + offs, kp_a.to(dt), mask=m_k[None, :])
-        tl.store(kp + offs + C * K, k_b, mask=m_k[None, :])
-    for i_v in range((V + BV - 1) // BV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        offs = (hrow_a + o_c[:, None]) * V + o_v[None, :]
-        d_ob = tl.load(do + row_b * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_b[:, None] & m_v[None, :],
-                       other=0.0).to(DOT)
-        du_b = tl.load(du_local + offs + C * V, mask=m_v[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(r_mat, d_ob, tl.zeros([C, BV], dtype=tl.float32), input_precision=PREC)
-        acc = _dot_split(-n_mat, du_b, acc, dt, PREC, DOT, SPLIT)
-        acc += tl.load(du_local + offs, mask=m_v[None, :], other=0.0).to(tl.float32)
-        tl.store(du_local + offs, acc.to(du_local.dtype.element_ty), mask=m_v[None, :])
-
-
 # --------------------------------------------------------------------------------------------
 # Forward, steps 2-3: the state scan and the chunk outputs
 # --------------------------------------------------------------------------------------------
@@ -583,12 +437,11 @@ def _dot_split(a, x, acc, dt: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexp
 
 
 @triton.jit
-def _pass_states_fwd_kernel(k, v, beta, b, A, w, wp, h0, h, u, ht, T, NT,
+def _pass_states_fwd_kernel(k, v, beta, b, A, w, h0, h, u, ht, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                            WY: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Scan over chunks: store h_n, then U = A diag(beta) (V - (K exp(b)) h_n) (stored) and
     h_{n+1} = exp(b_C) h_n + (K exp(b_C - b))^T U.
 
@@ -597,10 +450,6 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, w, wp, h0, h, u, ht, T, NT,
     [KP, BV] state (all of K: the residual needs K h_n) stays in float32 registers.
     WY (``LaunchConfig.wy_precompute``): U = U~ - W h_n instead, with W ([B*H, NT*C, K]) and U~
     (in ``u``, overwritten by U) from ``_chunk_wy_kernel``; A, v and beta are not read.
-    PAIRS (``LaunchConfig.scan_pairs``, with WY): two chunks per step while whole pairs are left, from the
-    pair form of ``_chunk_wy_pairs_kernel`` (wp, and U~ of every second chunk replaced in ``u``):
-    U_pair = U~_pair - Wp_pair h, the state after the pair in one product with the pair's 2C keys, and the
-    state between the two chunks (stored only) in another; a last odd chunk takes the one-chunk step.
     """
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -624,42 +473,7 @@ def _pass_states_fwd_kernel(k, v, beta, b, A, w, wp, h0, h, u, ht, T, NT,
     offs_a = o_c[:, None] * C + o_c[None, :]  # [C, C] of A
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
     offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
-    first = 0
-    if PAIRS:
-        o_2c = tl.arange(0, 2 * C)
-        in_a = o_2c < C
-        offs_k2 = o_2c[:, None] * (H * K) + o_k[None, :]  # [2C, KP]: the pair's keys
-        offs_u2 = o_2c[:, None] * V + o_v[None, :]  # [2C, BV] head-major
-        offs_w2 = o_2c[:, None] * K + o_k[None, :]  # [2C, KP] head-major (wp)
-        for i_p in range(NT // 2):
-            i_t = 2 * i_p
-            tok = row0 + i_t * C * H
-            hrow = hrow0 + i_t * C
-            tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
-            m_2c = (i_t * C + o_2c) < T  # chunk a is whole; chunk b may be partial
-            kc = tl.load(k + tok * K + offs_k2, mask=m_2c[:, None] & m_k[None, :], other=0.0).to(DOT)
-            wc = tl.load(wp + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
-            ut = tl.load(u + hrow * V + offs_u2, mask=m_v[None, :], other=0.0).to(tl.float32)
-            ut -= _dot_split(wc, state, tl.zeros([2 * C, BV], dtype=tl.float32), dt, PREC, DOT, SPLIT)
-            tl.store(u + hrow * V + offs_u2, ut.to(dt), mask=m_v[None, :])
-            # state entering b: exp(b_C^a) h + K_a^T (exp(b_C^a - b^a) U_a); after b: exp(b_C^a + b_C^b) h +
-            # K_pair^T (r U_pair), r = exp(b_C^a + b_C^b - b^a) on a's rows, exp(b_C^b - b^b) on b's
-            if USE_G:
-                b_t = tl.load(b + tok + o_2c * H, mask=m_2c, other=0.0)
-                last_a = last_valid(b_t, o_2c, C)
-                last_b = last_valid(b_t, o_2c, tl.minimum(T - i_t * C, 2 * C))
-                to_end = tl.where(in_a, last_a + last_b, last_b) - b_t
-                r_a = tl.where(in_a, tl.exp2(last_a - b_t), 0.0)
-                r = tl.exp2(tl.where(m_2c, to_end, float("-inf")))
-                h_b = _dot_split(tl.trans(kc), ut * r_a[:, None], state * tl.exp2(last_a), dt, PREC, DOT, SPLIT)
-                state = _dot_split(tl.trans(kc), ut * r[:, None], state * tl.exp2(last_a + last_b), dt, PREC,
-                                   DOT, SPLIT)
-            else:
-                h_b = _dot_split(tl.trans(kc), ut * in_a.to(tl.float32)[:, None], state, dt, PREC, DOT, SPLIT)
-                state = _dot_split(tl.trans(kc), ut, state, dt, PREC, DOT, SPLIT)
-            tl.store(h + (hrow0 // C + i_t + 1) * K * V + kv_offs, h_b.to(dt), mask=m_kv)
-        first = (NT // 2) * 2
-    for i_t in range(first, NT):
+    for i_t in range(NT):
         tok = row0 + i_t * C * H  # the chunk's first token
         hrow = hrow0 + i_t * C
         tl.store(h + (hrow0 // C + i_t) * K * V + kv_offs, state.to(dt), mask=m_kv)
@@ -778,12 +592,11 @@ def _chunk_du_local_kernel(q, k, b, do, du_local, scale, T, NT,
 
 
 @triton.jit
-def _pass_states_bwd_kernel(q, k, beta, b, A, w, kp, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
+def _pass_states_bwd_kernel(q, k, beta, b, A, w, do, du_local, dht, dh, dx2, dh0, scale, T, NT,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             KP: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                             USE_FINAL_STATE_GRAD: tl.constexpr, STORE_INITIAL_STATE_GRAD: tl.constexpr,
-                            WY: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            WY: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Reverse scan: store dh_n (gradient of the state leaving chunk n) and dX2 = A^T dU with
     dU = P^T dO + (K exp(b_C - b)) dh_n, then
     dh_{n-1} = exp(b_C) dh_n + scale * (Q exp(b))^T dO - W^T dU,  W^T dU = X1^T dX2, X1 = diag(beta exp(b)) K;
@@ -791,11 +604,7 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, kp, do, du_local, dht, dh, dx2,
     [C, BV] tiles, and the key and query tiles enter the products as loaded.
     WY (``LaunchConfig.wy_precompute``): dU overwrites ``du_local`` (its dtype) instead of dX2 being
     stored (``_chunk_dx2_kernel`` forms it after the scan), and W^T dU is one product with the
-    loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used.
-    PAIRS (``LaunchConfig.reverse_scan_pairs``, with WY): a last odd chunk takes the one-chunk step, then two
-    chunks per step from the pair form of ``_chunk_reverse_pairs_kernel`` (kp, and P^T dO of every first chunk
-    replaced in ``du_local``): dU_pair = P^T dO_pair + Kp_pair dh, then the state gradient entering the pair in
-    one product with the pair's W, and the one between the two chunks (stored only) in another."""
+    loaded W tile ([B*H, NT*C, K], from ``_chunk_wy_kernel``); A, beta and dx2 are not used."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     dt = dh.dtype.element_ty
@@ -818,10 +627,7 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, kp, do, du_local, dht, dh, dx2,
     offs_at = o_c[None, :] * C + o_c[:, None]  # [C, C]: A^T
     offs_u = o_c[:, None] * V + o_v[None, :]  # [C, BV] head-major
     offs_w = o_c[:, None] * K + o_k[None, :]  # [C, KP] head-major (W)
-    n_single = NT
-    if PAIRS:
-        n_single = NT % 2  # the last chunk alone when NT is odd, then the pairs (2p, 2p + 1) downwards
-    for i_r in range(n_single):
+    for i_r in range(NT):
         i_t = NT - 1 - i_r
         tok = row0 + i_t * C * H  # the chunk's first token
         hrow = hrow0 + i_t * C
@@ -864,47 +670,6 @@ def _pass_states_bwd_kernel(q, k, beta, b, A, w, kp, do, du_local, dht, dh, dx2,
             else:
                 d_x2 *= -beta_t[:, None]
             dstate = _dot_split(tl.trans(kc), d_x2, d_next, dt, PREC, DOT, SPLIT)
-    if PAIRS:
-        o_2c = tl.arange(0, 2 * C)
-        in_a = o_2c < C
-        offs_k2 = o_2c[:, None] * (H * K) + o_k[None, :]  # [2C, KP]: the pair's queries
-        offs_v2 = o_2c[:, None] * (H * V) + o_v[None, :]  # [2C, BV]: the pair's dO
-        offs_u2 = o_2c[:, None] * V + o_v[None, :]  # [2C, BV] head-major
-        offs_w2 = o_2c[:, None] * K + o_k[None, :]  # [2C, KP] head-major (W, kp)
-        for i_q in range(NT // 2):
-            i_t = 2 * (NT // 2 - 1 - i_q)  # chunk a of the pair; b = a + 1
-            tok = row0 + i_t * C * H
-            hrow = hrow0 + i_t * C
-            tl.store(dh + (hrow0 // C + i_t + 1) * K * V + kv_offs, dstate.to(dt), mask=m_kv)  # leaving b
-            m_2c = (i_t * C + o_2c) < T  # chunk a is whole; chunk b may be partial
-            kpc = tl.load(kp + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
-            qc = tl.load(q + tok * K + offs_k2, mask=m_2c[:, None] & m_k[None, :], other=0.0).to(DOT)
-            wc = tl.load(w + hrow * K + offs_w2, mask=m_k[None, :], other=0.0).to(DOT)
-            d_o = tl.load(do + tok * V + offs_v2, mask=m_2c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            # entering the pair: exp(b_C^a + b_C^b) dh + Q_pair^T (scale exp(c) dO) - W_pair^T (s dU), with c = b^a
-            # on a's rows and b_C^a + b^b on b's, s = 1 on a's rows and exp(b_C^a) on b's; entering b (stored):
-            # exp(b_C^b) dh + Q_b^T (scale exp(b^b) dO_b) - W_b^T dU_b
-            in_b = 1.0 - in_a.to(tl.float32)
-            if USE_G:
-                b_t = tl.load(b + tok + o_2c * H, mask=m_2c, other=0.0)
-                last_a = last_valid(b_t, o_2c, C)
-                last_b = last_valid(b_t, o_2c, tl.minimum(T - i_t * C, 2 * C))
-                e_b = tl.exp2(b_t)
-                d_next = _dot_split(tl.trans(qc), d_o * (scale * tl.where(in_a, e_b, tl.exp2(last_a) * e_b))[:, None],
-                                    dstate * tl.exp2(last_a + last_b), dt, PREC, DOT, SPLIT)
-                d_mid = _dot_split(tl.trans(qc), d_o * (scale * in_b * e_b)[:, None], dstate * tl.exp2(last_b),
-                                   dt, PREC, DOT, SPLIT)
-                s_du = tl.where(in_a, 1.0, tl.exp2(last_a))
-            else:
-                d_next = _dot_split(tl.trans(qc), d_o * scale, dstate, dt, PREC, DOT, SPLIT)
-                d_mid = _dot_split(tl.trans(qc), d_o * (scale * in_b)[:, None], dstate, dt, PREC, DOT, SPLIT)
-                s_du = tl.full([2 * C], 1.0, dtype=tl.float32)
-            d_u = _dot_split(kpc, dstate, tl.load(du_local + hrow * V + offs_u2, mask=m_v[None, :], other=0.0)
-                             .to(tl.float32), dt, PREC, DOT, SPLIT)
-            tl.store(du_local + hrow * V + offs_u2, d_u.to(du_local.dtype.element_ty), mask=m_v[None, :])
-            dstate = _dot_split(tl.trans(wc), -(d_u * s_du[:, None]), d_next, dt, PREC, DOT, SPLIT)
-            d_mid = _dot_split(tl.trans(wc), -(d_u * in_b[:, None]), d_mid, dt, PREC, DOT, SPLIT)
-            tl.store(dh + (hrow0 // C + i_t) * K * V + kv_offs, d_mid.to(dt), mask=m_kv)  # leaving a
     if STORE_INITIAL_STATE_GRAD:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv_offs, dstate, mask=m_kv)
 
@@ -1136,10 +901,6 @@ class _Sizes:
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
         latency_bound = self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
         self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
-        # two chunks per scan step: WY form only, and K <= 128 (the [2C, K] tiles' shared memory)
-        pairs_fit = self.wy and self.KP <= 128 and self.NT >= 2
-        self.scan_pairs = cfg.scan_pairs and pairs_fit
-        self.reverse_pairs = cfg.reverse_scan_pairs and pairs_fit
         while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
@@ -1181,13 +942,10 @@ class _Sizes:
             kw["num_stages"] = stages
         return kw
 
-    def scan_consts(self, pairs: bool) -> dict:
-        """The two scans' launch constants; with pair steps 2 pipeline stages unless ``scan_stages`` is set (three
-        stages of the pair tiles exceed the H200's shared memory)."""
-        kw = self.consts(self.scan_warps, KP=self.KP, BV=self.scan_BV, scan=True)
-        if pairs and self.cfg.scan_stages is None:
-            kw["num_stages"] = 2
-        return kw
+    @property
+    def scan_consts(self) -> dict:
+        """The two scans' launch constants."""
+        return self.consts(self.scan_warps, KP=self.KP, BV=self.scan_BV, scan=True)
 
 
 def _chunk_solve(k, beta, g, s: _Sizes):
@@ -1215,21 +973,11 @@ def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
         W, U = _chunk_wy(k, v, beta, b, A, s)  # U holds U~ until the scan overwrites it with U
     else:
         W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
-    Wp = _chunk_wy_pairs(k, b, W, U, s) if s.scan_pairs else None  # U~ of every second chunk replaced in U
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
     _pass_states_fwd_kernel[(s.scan_NV, s.B * s.H)](
-        k, v, beta, b, A, W, Wp, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=store_final, WY=W is not None, PAIRS=Wp is not None, **s.scan_consts(Wp is not None))
+        k, v, beta, b, A, W, h0, h, U, ht, s.T, s.NT, USE_G=b is not None, USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=store_final, WY=W is not None, **s.scan_consts)
     return h, U, ht, W
-
-
-def _chunk_wy_pairs(k, b, W, U, s: _Sizes):
-    """Wp [B*H, NT*C, K] (input dtype; the rows of a last odd chunk unused), and U~_b - M U~_a over U~_b in U:
-    see ``_chunk_wy_pairs_kernel``."""
-    Wp = torch.empty_like(W)
-    _chunk_wy_pairs_kernel[(s.NT // 2, s.B * s.H)](k, b, W, U, Wp, s.T, s.NT, USE_G=b is not None,
-                                                   **s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV))
-    return Wp
 
 
 def _chunk_outputs(q, k, U, b, h, scale, s: _Sizes, out_dtype):
@@ -1253,24 +1001,13 @@ def _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s: _Sizes, s
     dh = q.new_empty(s.B * s.H, s.NT, s.K, s.V)
     dx2 = q.new_empty(s.B * s.H, s.NT * s.C, s.V)
     dh0 = q.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_initial_grad else None
-    Kp = _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s) if s.reverse_pairs else None
     _pass_states_bwd_kernel[(s.scan_NV, s.B * s.H)](
-        q, k, beta, b, A, W, Kp, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
+        q, k, beta, b, A, W, do, du_local, dht, dh, dx2, dh0, scale, s.T, s.NT, USE_G=b is not None,
         USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_initial_grad, WY=W is not None,
-        PAIRS=Kp is not None, **s.scan_consts(Kp is not None))
+        **s.scan_consts)
     if W is not None:
         _chunk_dx2(A, du_local, dx2, s)
     return dh, dx2, dh0
-
-
-def _chunk_reverse_pairs(q, k, b, W, do, du_local, scale, s: _Sizes):
-    """Kp [B*H, NT*C, K] (input dtype; the rows of a last odd chunk unused), and the pairs' first-chunk P^T dO
-    replaced in ``du_local``: see ``_chunk_reverse_pairs_kernel``."""
-    Kp = torch.empty_like(W)
-    _chunk_reverse_pairs_kernel[(s.NT // 2, s.B * s.H)](q, k, b, W, do, du_local, Kp, scale, s.T, s.NT,
-                                                        USE_G=b is not None,
-                                                        **(s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV) | s.scan_dots))
-    return Kp
 
 
 def _chunk_dx2(A, du, dx2, s: _Sizes):
@@ -1345,7 +1082,8 @@ def _backward(inputs, saved, grads, consts, needs):
     dht = None if dht is None else dht.float().contiguous()
     if A is None:
         b, A = _chunk_solve(k, beta, g, s)
-    # Recompute h and U rather than keeping [B, H, NT, K, V] alive between the passes.
+    # Recompute h and U rather than keeping [B, H, NT, K, V] alive between the passes (on the current stream:
+    # beside the reverse scan on a side stream it was no faster, see the module docstring).
     h, U, _, W = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)  # W: wy_precompute only
     du_local = _chunk_du_local(q, k, b, do, scale, s)
     dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s, store_initial_grad=needs[5])
