@@ -79,9 +79,10 @@ sequences; the result does not depend on it.
 
 The forward and backward are one ``torch.library`` custom op (:class:`linmix.ops.common.custom_op.TritonOp`,
 opaque to ``torch.compile``); the forward keeps A (input dtype, [B*H, NT*C, C]) for the backward
-when gradients are needed, b and h are recomputed there. Short sequences (decoding: average length
-<= 16 tokens without gradients, <= 4 with) take the fused recurrent kernel of
-:mod:`linmix.ops.common.fused_recurrent` instead.
+when gradients are needed, b and h are recomputed there (h by a forward state pass on a side CUDA
+stream beside the reverse pass, dv and dA, which do not read it: :mod:`linmix.ops.common.streams`).
+Short sequences (decoding: average length <= 16 tokens without gradients, <= 4 with) take the fused
+recurrent kernel of :mod:`linmix.ops.common.fused_recurrent` instead.
 
 Plain pointer arithmetic only (no ``tl.make_block_ptr``): runs on Triton 3.6 and on current
 Triton, including its interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
