@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import linmix
 from linmix.bench.fla import fla_decode_ops, fla_ops, fla_version
+from linmix.ops.common import streams
 from linmix.bench.floor import attention_floor, decode_floor, measure_rates, op_floor
 from linmix.bench.tables import markdown_table, rel_l2
 
@@ -208,6 +209,17 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, quantiles=[0.5])
 
 
+def _bench_graph(fn) -> float | str:
+    """ms per call with ``fn`` replayed from a CUDA graph: the device time alone, without the host's per-call
+    Python and launch time (what a graph-captured decoding loop pays); a call that cannot be captured says why."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    except Exception as e:  # noqa: BLE001 -- reported in the row
+        return f"{type(e).__name__}: {e}"[:120]
+
+
 def time_op(fn, q, k, v, extra, do) -> tuple[float, float]:
     leaves = [q, k, v, *extra.values()]
     for t in leaves:
@@ -268,6 +280,9 @@ def bench(args) -> list[dict]:
 
 
 def decode(args) -> list[dict]:
+    """One decode step per op (one token, state carried): ``step_us`` called from Python as a model's
+    eager loop does (the host's per-call time included, which can exceed the kernel's), ``graph_us`` replayed from
+    a CUDA graph (the device time alone)."""
     rates = measure_rates("cuda")
     fla = fla_decode_ops() if args.fla else {}
     B, H, K, V = 64, 16, 128, 128
@@ -278,9 +293,14 @@ def decode(args) -> list[dict]:
         if op in fla:
             impls.append(("fla " + (fla_version() or "?"), fla[op]))
         for name, fn in impls:
+            def step(fn=fn):
+                return fn(q, k, v, **extra, initial_state=h0, output_final_state=True)
+
             with torch.no_grad():
-                us = _bench(lambda fn=fn: fn(q, k, v, **extra, initial_state=h0, output_final_state=True)) * 1e3
+                us = _bench(step) * 1e3
+                graph = _bench_graph(step)
             rows.append({"op": op, "impl": name, "B": B, "step_us": us,
+                         "graph_us": graph * 1e3 if isinstance(graph, float) else graph,
                          "floor_us": decode_floor(B, H, K, V, rates) * 1e6})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     # SDPA decoding one token against a KV cache of 1K / 8K / 32K tokens.
@@ -353,18 +373,33 @@ def crossover(args) -> list[dict]:
     return rows
 
 
+def apply_variant(op: str, text: str) -> None:
+    """One --variants launch for ``op``: '"overlap": false' (any op) switches off the backward's side-stream
+    scan (linmix.ops.common.streams.OVERLAP); the other fields go to gla's or the delta rule's launch table."""
+    fields = json.loads(text or "{}")
+    if "overlap" in fields:
+        streams.OVERLAP = bool(fields.pop("overlap"))
+    if op == "gla":
+        apply_gla_launch(json.dumps(fields))
+    elif op in ("delta_rule", "gated_delta_rule"):
+        apply_delta_launch(json.dumps(fields))
+    elif fields:
+        raise SystemExit(f"error: --variants: {op} has no launch table; only 'overlap' applies, got {sorted(fields)}")
+
+
 def _launch_state():
-    """Snapshot of both launch tables, and a function that restores it."""
+    """Snapshot of both launch tables and the overlap switch, and a function that restores it."""
     import copy
     import importlib
 
     delta = importlib.import_module("linmix.ops.delta_rule.triton")
     gla = importlib.import_module("linmix.ops.gla.triton")
-    saved = copy.deepcopy(delta.LAUNCH), copy.deepcopy(gla.LAUNCH)
+    saved = copy.deepcopy(delta.LAUNCH), copy.deepcopy(gla.LAUNCH), streams.OVERLAP
 
     def restore():
         delta.LAUNCH.__dict__.update(copy.deepcopy(saved[0]).__dict__)
         gla.LAUNCH.__dict__.update(copy.deepcopy(saved[1]).__dict__)
+        streams.OVERLAP = saved[2]
 
     return restore
 
@@ -377,7 +412,8 @@ def _max_error(op: str, B: int, T: int) -> float:
 
 def tune(args) -> list[dict]:
     """Each --variants launch (JSON; a delta-rule LaunchConfig object for the delta ops, a per-kernel
-    object for gla; ``{}`` is the default launch), in one process: max error at 1 x 4096 and
+    object for gla, and for any op ``"overlap": false`` to run the backward's recomputing scan on the
+    current stream; ``{}`` is the default launch), in one process: max error at 1 x 4096 and
     fwd / fwd+bwd ms at ``--tune-shape`` (B x T, default 8 x 8192).
 
     Variants run in order and rows are printed as they finish; a Hopper fault ends the process (the
@@ -390,7 +426,7 @@ def tune(args) -> list[dict]:
     for op in args.ops:
         for variant in args.variants or ["{}"]:
             restore()
-            (apply_gla_launch if op == "gla" else apply_delta_launch)(variant)
+            apply_variant(op, variant)
             row = {"op": op, "launch": variant}
             try:
                 row["max_err"] = _max_error(op, 1, 4096)
@@ -486,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-kernel fields of linmix.ops.gla.triton.LAUNCH, e.g. '{\"dv\": {\"num_warps\": 4}}'")
     p.add_argument("--variants", nargs="+", metavar="JSON",
                    help="check --isolate: run every case under each --delta-launch variant; writes the first "
-                        "variant that passes everywhere to OUT/best_launch.json. tune: the launches to time")
+                        "variant that passes everywhere to OUT/best_launch.json. tune: the launches to time (any op: "
+                        "'{\"overlap\": false}' runs the backward without the side-stream scan)")
     p.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet", "linear_attn"],
                    help="layers for the compile check")
     p.add_argument("--fla", action="store_true", help="also time fla-core (its Hopper guard bypassed)")

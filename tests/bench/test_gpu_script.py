@@ -54,6 +54,23 @@ def test_delta_launch_edits_and_restores(gpu):
         gpu.apply_delta_launch('{"nope": 1}')
 
 
+def test_variant_overlap_switch_for_every_op(gpu):
+    """'overlap' (the backward's side-stream scan) applies to any op; the rest goes to the op's launch table."""
+    streams = importlib.import_module("linmix.ops.common.streams")
+    delta = importlib.import_module("linmix.ops.delta_rule.triton").LAUNCH
+    before = streams.OVERLAP, delta.warps_scan
+    restore = gpu._launch_state()
+    gpu.apply_variant("simple_gla", json.dumps({"overlap": not before[0]}))
+    assert streams.OVERLAP is (not before[0])
+    gpu.apply_variant("delta_rule", json.dumps({"overlap": before[0], "warps_scan": 2}))
+    assert (streams.OVERLAP, delta.warps_scan) == (before[0], 2)
+    with pytest.raises(SystemExit):
+        gpu.apply_variant("linear_attn", '{"warps_scan": 2}')
+    gpu.apply_variant("gated_delta_rule", json.dumps({"overlap": not before[0]}))
+    restore()
+    assert (streams.OVERLAP, delta.warps_scan) == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
 @pytest.mark.parametrize("argv", [
     ["check", "--isolate", "--force-kernels", "--head-dims", "16:32", "64", "--shapes", "2x4096"],
