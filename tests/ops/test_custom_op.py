@@ -47,6 +47,21 @@ def test_scalar_decay_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_delta_rule_opcheck(gated):
+    """The delta rule's op with its saved tensors (A, b, and W in the WY form, the default at this size): the fake
+    form gives the real outputs' shapes."""
+    op = TRITON_OPS["delta_rule_chunk"]
+    q, k, v, extra = _inputs("gated_delta_rule" if gated else "delta_rule", T=70)
+    h0 = torch.randn(1, 2, 16, 16)
+    args = (q, k, v, extra["beta"], extra.get("g"), h0, 0.25, True, True)
+    assert op.fwd_op(*args)[4].numel() > 0  # W kept
+    for x in args[:6]:
+        if x is not None:
+            x.requires_grad_(True)
+    torch.library.opcheck(op.fwd_op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 OPS = [name for name in ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
        if "triton" in available_backends("delta_rule" if name == "gated_delta_rule" else name)]
 

@@ -219,6 +219,21 @@ def test_backward_without_the_kept_solve(gated):
         assert rel_err(got[name], g) < INTERP_TOL, name
 
 
+def test_wy_backward_reuses_the_kept_w(monkeypatch):
+    """In the WY form the forward keeps W for the backward, whose WY launch then forms U~ alone (STORE_W off)."""
+    assert delta_rule_triton._Sizes(torch.zeros(1, 70, 1, 16), torch.zeros(1, 70, 1, 16)).wy  # the default here
+    kept = []
+    launch = delta_rule_triton._chunk_wy
+
+    def recorded(*args, W=None, **kwargs):
+        kept.append(W is not None)
+        return launch(*args, W=W, **kwargs)
+
+    monkeypatch.setattr(delta_rule_triton, "_chunk_wy", recorded)
+    check(make_inputs(B=1, T=70, K=16, V=16), output_final_state=True)
+    assert kept == [False, True], kept  # the forward forms W; the backward gets it
+
+
 # --------------------------------------------------------------------------------------------
 # LaunchConfig.wy_precompute=False: U formed in the scan from A and the residual (the other tests run
 # the default path, with W and U~ formed before the scans)

@@ -90,8 +90,9 @@ in one SM's shared memory together, so they cannot run side by side).
 
 The forward keeps A and b for the backward when there is one (A is C = 64 values per token and
 head, half of k's bytes at K = 128; recomputing it cost 1.1 ms of 9.2 at the standard shape on the
-H200); the backward recomputes h and U (one more forward scan) rather than keeping the
-[B, H, NT, K, V] states alive between the passes. The [C, C] gradients are formed once per chunk
+H200), and in the WY form W (k's bytes), so the backward's WY kernel forms U~ alone; the backward
+recomputes h and U (one more forward scan) rather than keeping the [B, H, NT, K, V] states alive
+between the passes. The [C, C] gradients are formed once per chunk
 (``_chunk_score_grads_kernel``), not once per K block of the gradient kernel, which also keeps
 that kernel's live accumulators to three [C, BK] tiles (with seven, it spilled: gated 6.3 ms
 against 2.6 ungated, now 1.5 / 1.3 ms). The gate flag ``USE_G`` is a constexpr: DeltaNet (g None)
@@ -370,9 +371,10 @@ def _chunk_solve_kernel(k, beta, g, b, A, T, NT,
 @triton.jit
 def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
-                     DOT: tl.constexpr):
-    """For one chunk (``LaunchConfig.wy_precompute``): W = A diag(beta exp(b)) K and U~ = A diag(beta) V.
+                     BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, STORE_W: tl.constexpr,
+                     PREC: tl.constexpr, DOT: tl.constexpr):
+    """For one chunk (``LaunchConfig.wy_precompute``): W = A diag(beta exp(b)) K and U~ = A diag(beta) V
+    (U~ only without STORE_W: the backward's recomputation when the forward kept W).
 
     Both head-major ([B*H, NT*C, K] and [B*H, NT*C, V], input dtype; U~ goes to the U buffer, which
     the forward scan turns into U), K and V looped in blocks. The scaled key and value tiles are
@@ -389,10 +391,11 @@ def _chunk_wy_kernel(k, v, beta, b, A, w, u, T, NT,
     a = tl.load(A + hrow0 * C + o_c[:, None] * C + o_c[None, :], mask=o_c[:, None] >= o_c[None, :],
                 other=0.0).to(DOT)
     beta_t = tl.load(beta + row0 + o_c * H, mask=m_c, other=0.0).to(tl.float32)
-    key_scale = beta_t
-    if USE_G:
-        key_scale = beta_t * tl.exp2(tl.load(b + row0 + o_c * H, mask=m_c, other=0.0))
-    _store_a_times_scaled(a, k, w, key_scale, row0, hrow0, o_c, m_c, H, K, C, BK, PREC, DOT)  # W
+    if STORE_W:
+        key_scale = beta_t
+        if USE_G:
+            key_scale = beta_t * tl.exp2(tl.load(b + row0 + o_c * H, mask=m_c, other=0.0))
+        _store_a_times_scaled(a, k, w, key_scale, row0, hrow0, o_c, m_c, H, K, C, BK, PREC, DOT)  # W
     _store_a_times_scaled(a, v, u, beta_t, row0, hrow0, o_c, m_c, H, V, C, BV, PREC, DOT)  # U~
 
 
@@ -957,20 +960,24 @@ def _chunk_solve(k, beta, g, s: _Sizes):
     return b, A
 
 
-def _chunk_wy(k, v, beta, b, A, s: _Sizes):
-    """(W [B*H, NT*C, K], U~ [B*H, NT*C, V]), input dtype: see ``_chunk_wy_kernel``."""
-    W = k.new_empty(s.B * s.H, s.NT * s.C, s.K)
+def _chunk_wy(k, v, beta, b, A, s: _Sizes, W=None):
+    """(W [B*H, NT*C, K], U~ [B*H, NT*C, V]), input dtype: see ``_chunk_wy_kernel``. A given W (kept by the
+    forward) is returned as it is and only U~ is formed."""
+    store_w = W is None
+    if store_w:
+        W = k.new_empty(s.B * s.H, s.NT * s.C, s.K)
     U = k.new_empty(s.B * s.H, s.NT * s.C, s.V)
-    _chunk_wy_kernel[(s.NT, s.B * s.H)](k, v, beta, b, A, W, U, s.T, s.NT, USE_G=b is not None,
+    _chunk_wy_kernel[(s.NT, s.B * s.H)](k, v, beta, b, A, W, U, s.T, s.NT, USE_G=b is not None, STORE_W=store_w,
                                         **s.consts(s.cfg.warps_wy, BK=s.BK, BV=s.BV))
     return W, U
 
 
-def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool):
-    """(h, U, final state or None, W or None): W (``LaunchConfig.wy_precompute``) for the reverse scan."""
+def _pass_states_fwd(k, v, beta, b, A, h0, s: _Sizes, store_final: bool, W=None):
+    """(h, U, final state or None, W or None): W (``LaunchConfig.wy_precompute``) for the reverse scan; a W
+    kept by the forward is used as it is."""
     h = k.new_empty(s.B * s.H, s.NT, s.K, s.V)  # input dtype: see the module docstring
     if s.wy:
-        W, U = _chunk_wy(k, v, beta, b, A, s)  # U holds U~ until the scan overwrites it with U
+        W, U = _chunk_wy(k, v, beta, b, A, s, W=W)  # U holds U~ until the scan overwrites it with U
     else:
         W, U = None, k.new_empty(s.B * s.H, s.NT * s.C, s.V)
     ht = k.new_empty(s.B, s.H, s.K, s.V, dtype=torch.float32) if store_final else None
@@ -1046,33 +1053,36 @@ def _gate_beta_grads(dbeta_part, dg_part, beta_dtype, g_dtype, s: _Sizes):
 # --------------------------------------------------------------------------------------------
 
 def _forward(q, k, v, beta, g, initial_state, scale, output_final_state, keep_solve):
-    """(o, final state or None, A or None, b or None) of the chunked (gated) delta rule on a dense batch;
-    g None: DeltaNet. With ``keep_solve`` A and b are returned for the backward (which then skips the solve)."""
+    """(o, final state or None, A or None, b or None, W or None) of the chunked (gated) delta rule on a dense
+    batch; g None: DeltaNet. With ``keep_solve`` A and b are returned for the backward (which then skips the
+    solve), and in the WY form W too (its recomputation is then U~ alone)."""
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     g = None if g is None else g.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     s = _Sizes(q, v)
     b, A = _chunk_solve(k, beta, g, s)
-    h, U, ht, _ = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
+    h, U, ht, W = _pass_states_fwd(k, v, beta, b, A, h0, s, store_final=output_final_state)
     o = _chunk_outputs(q, k, U, b, h, scale, s, v.dtype)
-    return (o, ht, A, b) if keep_solve else (o, ht, None, None)
+    return (o, ht, A, b, W) if keep_solve else (o, ht, None, None, None)
 
 
 def _fake_forward(q, k, v, beta, g, initial_state, scale, output_final_state, keep_solve):
     B, T, H, K = q.shape
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
-    A = b = None
+    A = b = W = None
     if keep_solve:
         A = k.new_empty(B * H, -(-T // CHUNK), CHUNK, CHUNK)
         b = None if g is None else q.new_empty(B, T, H, dtype=torch.float32)
-    return torch.empty_like(v), ht, A, b
+        if _Sizes(q, v).wy:
+            W = k.new_empty(B * H, -(-T // CHUNK) * CHUNK, K)
+    return torch.empty_like(v), ht, A, b, W
 
 
 def _backward(inputs, saved, grads, consts, needs):
-    """Gradients of (q, k, v, beta, g, initial_state) given those of (o, final state); saved = [A, b]
-    from the forward (None when it ran without ``keep_solve``: recomputed)."""
+    """Gradients of (q, k, v, beta, g, initial_state) given those of (o, final state); saved = [A, b, W]
+    from the forward (None when it ran without ``keep_solve``, W also outside the WY form: recomputed)."""
     q, k, v, beta, g, h0 = (inputs[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
-    (A, b), (do, dht) = saved, grads
+    (A, b, W), (do, dht) = saved, grads
     scale = consts["scale"]
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     g = None if g is None else g.contiguous()
@@ -1084,7 +1094,7 @@ def _backward(inputs, saved, grads, consts, needs):
         b, A = _chunk_solve(k, beta, g, s)
     # Recompute h and U rather than keeping [B, H, NT, K, V] alive between the passes (on the current stream:
     # beside the reverse scan on a side stream it was no faster, see the module docstring).
-    h, U, _, W = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False)  # W: wy_precompute only
+    h, U, _, W = _pass_states_fwd(k, v, beta, b, A, h0f, s, store_final=False, W=W)  # W: WY form only
     du_local = _chunk_du_local(q, k, b, do, scale, s)
     dh, dx2, dh0 = _pass_states_bwd(q, k, beta, b, A, W, do, du_local, dht, scale, s, store_initial_grad=needs[5])
     del A, W, du_local
@@ -1106,7 +1116,8 @@ if HAS_TRITON:
 
 
 def _dense(q, k, v, beta, g, *, scale, initial_state, output_final_state):
-    # A and b (a quarter of q's bytes at K = 128, and [B, T, H]) are kept for the backward when there is one
+    # A and b (half of k's bytes at K = 128, and [B, T, H]; in the WY form also W, k's bytes) are kept for the
+    # backward when there is one
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, g, initial_state))
     o, ht = delta_rule_op(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, scale=float(scale),
                           output_final_state=output_final_state, keep_solve=keep)
