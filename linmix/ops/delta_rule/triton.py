@@ -62,7 +62,8 @@ Kernels (the math step each computes, and its grid):
 In the WY form (two more kernels; the others unchanged):
 
 * ``_chunk_wy_kernel``          W = A diag(beta exp(b)) K and U~ = A diag(beta) V, head-major, input
-  dtype (U~ in U's buffer); (NT, B*H). Run after the solve, in the forward and again in the backward.
+  dtype (U~ in U's buffer); (NT, B*H). Run after the solve, in the forward and again in the backward
+  (U~ alone there when the forward kept W, i.e. when it ran with gradients).
 * ``_pass_states_fwd_kernel``   (``WY``) U = U~ - W h_n, then the state update as before.
 * ``_pass_states_bwd_kernel``   (``WY``) stores dU (over P^T dO's buffer, in its dtype) and updates
   dh_{n-1} = exp(b_C) dh_n + (Q * exp(b))^T dO - W^T dU, with no A.
