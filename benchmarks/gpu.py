@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 import linmix
 from linmix.bench.fla import fla_decode_ops, fla_ops, fla_version
-from linmix.ops.common import streams
 from linmix.bench.floor import attention_floor, decode_floor, measure_rates, op_floor
 from linmix.bench.tables import markdown_table, rel_l2
+from linmix.ops.common import streams
 
 OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 
@@ -281,8 +281,8 @@ def bench(args) -> list[dict]:
 
 def decode(args) -> list[dict]:
     """One decode step per op (one token, state carried): ``step_us`` called from Python as a model's
-    eager loop does (the host's per-call time included, which can exceed the kernel's), ``graph_us`` replayed from
-    a CUDA graph (the device time alone)."""
+    eager loop does (the host's per-call time included, which can exceed the kernel's), ``graph_us``
+    replayed from a CUDA graph (the device time alone)."""
     rates = measure_rates("cuda")
     fla = fla_decode_ops() if args.fla else {}
     B, H, K, V = 64, 16, 128, 128
