@@ -683,7 +683,7 @@ def _chunk_dx2_kernel(A, du, dx2, NT, V: tl.constexpr, C: tl.constexpr, BV: tl.c
                       PREC: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """dX2 = A^T dU for one chunk and V block (``LaunchConfig.wy_precompute``), with dU (head-major,
     ``_Sizes.du_dtype``) from the WY reverse scan; A^T by a transposed load. The product rounds dU as the scans' dots do
-    (``LaunchConfig.scan_precision``), as the reverse scan of the default path forms it."""
+    (``LaunchConfig.scan_precision``), as the residual form's reverse scan forms it."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dt = dx2.dtype.element_ty
     o_c = tl.arange(0, C)
@@ -903,9 +903,11 @@ class _Sizes:
         self.NK = triton.cdiv(self.K, self.grads_BK)  # the gradient kernel's K tiles
         self.KP = max(16, triton.next_power_of_2(self.K))
         self.scan_BV = _tile(self.V, max(16, min(cfg.scan_block_v, cfg.scan_state_elems // self.KP)))
-        latency_bound = self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
-        self.wy = latency_bound if cfg.wy_precompute is None else cfg.wy_precompute
-        while self.scan_BV > 16 and self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs:
+        def too_few_programs() -> bool:  # the scans' grid at the current V tile is below scan_min_programs
+            return self.B * self.H * triton.cdiv(self.V, self.scan_BV) < cfg.scan_min_programs
+
+        self.wy = too_few_programs() if cfg.wy_precompute is None else cfg.wy_precompute  # latency-bound: WY
+        while self.scan_BV > 16 and too_few_programs():
             self.scan_BV //= 2
         self.scan_NV = triton.cdiv(self.V, self.scan_BV)
         # Scans at K > 128: fewer warps (Hopper miscompiles 4 there, see LaunchConfig), and no software
